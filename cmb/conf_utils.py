@@ -1,0 +1,96 @@
+"""Shared plumbing for the Hydra entry points (train.py, infer.py, python -m ...)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from cmb.errors import CMBError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
+log = logging.getLogger("cmb")
+
+
+def hydra_entry(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Wrap a Hydra task: user errors become one line on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(cfg: DictConfig) -> Any:
+        try:
+            return fn(cfg)
+        except CMBError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=CONFIG_DIR.parent, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_metadata(cfg: DictConfig | None = None, **extra: Any) -> dict:
+    """Versions, git commit, seed and host facts for a run folder's metadata.json."""
+    import monai
+    import numpy
+    import pytorch_lightning
+    import torch
+
+    import cmb
+
+    meta = {
+        "cmb": cmb.__version__,
+        "git_commit": git_commit(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "lightning": pytorch_lightning.__version__,
+        "monai": monai.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "command": " ".join(sys.argv),
+    }
+    if cfg is not None and "seed" in cfg:
+        meta["seed"] = int(cfg.seed)
+    meta.update(extra)
+    return meta
+
+
+def write_config_and_metadata(folder: Path, cfg: DictConfig, **extra: Any) -> None:
+    from cmb.data.io import atomic_write_text
+
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(OmegaConf.to_yaml(cfg, resolve=True), folder / "config.yaml")
+    atomic_write_text(json.dumps(run_metadata(cfg, **extra), indent=1), folder / "metadata.json")
+
+
+def instantiate_checked(node: Any, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate` that lets our own `CMBError` through unwrapped."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, CMBError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise

@@ -1,0 +1,1 @@
+"""Dataset readers, phantom, preprocessing, patches and splits."""

@@ -1,0 +1,140 @@
+"""Reading and checking NIfTI volumes; canonical orientation and its inverse."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
+
+from cmb import WINDOW
+from cmb.errors import DataError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def is_nifti_name(path: str | Path) -> bool:
+    name = str(path).lower()
+    return name.endswith(NIFTI_SUFFIXES)
+
+
+def nifti_stem(path: str | Path) -> str:
+    """File name without `.nii` / `.nii.gz`."""
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(path).stem
+
+
+def load_volume(path: str | Path, *, what: str = "image", check_window: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Load a 3D NIfTI as (float32 array (I, J, K), 4x4 affine) in the file's own grid.
+
+    Raises `DataError` naming the file for: a missing file, a file that is not NIfTI,
+    a 2D or 4D volume (a trailing singleton 4th axis is dropped), NaN/Inf voxels, an
+    all-zero image, and an image smaller than one 20x20x16 window.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, f"{what} file does not exist")
+    if not is_nifti_name(path):
+        raise DataError(path, f"{what} is not a NIfTI file (expected .nii or .nii.gz)")
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as err:  # nibabel raises many types for corrupt files
+        raise DataError(path, f"cannot read {what} as NIfTI ({type(err).__name__}: {err})") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise DataError(path, f"{what} must be a 3D volume, got {data.ndim}D with shape {tuple(data.shape)}")
+    data = np.asarray(data, dtype=np.float32)
+    if what == "image":
+        if not np.isfinite(data).all():
+            n_bad = int((~np.isfinite(data)).sum())
+            raise DataError(path, f"image has {n_bad} NaN/Inf voxels; replace them (e.g. with 0) before use")
+        if not np.any(data):
+            raise DataError(path, "image is all zeros")
+        if check_window and any(s < w for s, w in zip(data.shape, WINDOW)):
+            raise DataError(path, f"image shape {data.shape} is smaller than one {WINDOW} window")
+    return data, np.asarray(img.affine, dtype=float)
+
+
+def canonical_transform(affine: np.ndarray) -> np.ndarray:
+    """nibabel orientation transform from the file's axes to RAS+ (closest canonical)."""
+    return ornt_transform(io_orientation(affine), np.array([[0, 1], [1, 1], [2, 1]]))
+
+
+def to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reorient (I, J, K) data to RAS+; returns (data, canonical affine, transform)."""
+    transform = canonical_transform(affine)
+    out = np.ascontiguousarray(apply_orientation(data, transform))
+    new_affine = affine @ inv_ornt_aff(transform, data.shape)
+    return out, new_affine, transform
+
+
+def from_canonical(data: np.ndarray, transform: np.ndarray) -> np.ndarray:
+    """Undo `to_canonical` on a canonical-grid array (back to the file's own grid)."""
+    inverse = ornt_transform(np.array([[0, 1], [1, 1], [2, 1]]), _inverse_target(transform))
+    return np.ascontiguousarray(apply_orientation(data, inverse))
+
+
+def _inverse_target(transform: np.ndarray) -> np.ndarray:
+    """The source orientation that `transform` maps onto RAS+."""
+    source = np.zeros_like(transform)
+    for axis, (target_axis, flip) in enumerate(transform):
+        source[axis] = [target_axis, flip]
+    return source
+
+
+def vox_to_mm(points_vox: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """(N, 3) voxel indices -> (N, 3) world mm through a 4x4 affine."""
+    pts = np.asarray(points_vox, dtype=float).reshape(-1, 3)
+    return pts @ affine[:3, :3].T + affine[:3, 3]
+
+
+def mm_to_vox(points_mm: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """(N, 3) world mm -> (N, 3) fractional voxel indices."""
+    pts = np.asarray(points_mm, dtype=float).reshape(-1, 3)
+    return (pts - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T
+
+
+def same_grid(affine_a: np.ndarray, affine_b: np.ndarray, tol: float = 1e-3) -> bool:
+    return bool(np.allclose(affine_a, affine_b, atol=tol))
+
+
+def atomic_save_nifti(data: np.ndarray, affine: np.ndarray, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write a NIfTI through a temporary file and rename, so no half-written file remains."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise DataError(path, "refusing to overwrite an existing file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if str(path).endswith(".gz") else ".nii"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=suffix, prefix=".tmp-")
+    os.close(fd)
+    try:
+        nib.save(nib.Nifti1Image(data, affine), tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def atomic_write_text(text: str, path: str | Path) -> Path:
+    """Write text through a temporary file and rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=2)

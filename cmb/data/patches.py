@@ -1,0 +1,150 @@
+"""Training patches: CMB-centred positives, random brain negatives, dark (vein-like)
+negatives and mined mimics, each augmented by `cmb.data.augment`.
+
+Sampling is a pure function of (seed, epoch, index), so results do not depend on the
+number of data-loader workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch.utils.data import Dataset
+
+from cmb import WINDOW
+from cmb.data.augment import augment_region, crop_centred, region_size, sample_params
+from cmb.data.preprocess import Preprocessed
+from cmb.data.scan import Scan
+
+MAX_POOL = 200_000  # negatives are drawn from at most this many stored voxel positions per scan
+
+
+@dataclass
+class TrainingVolume:
+    """What the samplers need of one training scan.
+
+    image: normalized float32 (I, J, K); target: uint8 (I, J, K) CMB voxels;
+    cmb_centres: (N, 3) int voxel centres; brain/dark: (M, 3) int candidate negative centres;
+    mimics: (P, 3) int centres of mined stage-1 false positives.
+    """
+
+    scan_id: str
+    image: np.ndarray
+    target: np.ndarray
+    cmb_centres: np.ndarray
+    brain: np.ndarray
+    dark: np.ndarray
+    mimics: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), dtype=int))
+
+
+def point_target(shape: tuple[int, int, int], centroids: np.ndarray, spacing: tuple[float, float, float], radius_mm: float) -> np.ndarray:
+    """Balls of `radius_mm` around centroids (for centroid-only truth); uint8 (I, J, K)."""
+    target = np.zeros(shape, dtype=np.uint8)
+    sp = np.asarray(spacing)
+    reach = np.ceil(radius_mm / sp).astype(int)
+    for c in np.asarray(centroids).reshape(-1, 3):
+        lo = np.maximum(np.floor(c).astype(int) - reach, 0)
+        hi = np.minimum(np.ceil(c).astype(int) + reach + 1, shape)
+        grid = np.ix_(*[np.arange(a, b) for a, b in zip(lo, hi)])
+        d2 = sum(((g - ci) * s) ** 2 for g, ci, s in zip(grid, c, sp))
+        target[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] |= (d2 <= radius_mm**2).astype(np.uint8)
+    return target
+
+
+def build_training_volume(scan: Scan, pre: Preprocessed, *, point_radius_mm: float = 1.5, dark_threshold: float = 0.3,
+                          seed: int = 0) -> TrainingVolume:
+    """Assemble targets and negative pools for one preprocessed training scan."""
+    image = np.asarray(pre.image)
+    mask = np.asarray(pre.mask)
+    if scan.instances is not None:
+        target = (scan.instances > 0).astype(np.uint8)
+    else:
+        target = point_target(image.shape, scan.centroids_vox, scan.spacing_mm, point_radius_mm)
+    centres = np.rint(scan.centroids_vox).astype(int).reshape(-1, 3)
+    near_cmb = ndimage.binary_dilation(target > 0, iterations=3)
+    rng = np.random.default_rng(seed)
+    brain = np.argwhere(mask & ~near_cmb)
+    dark = np.argwhere(mask & ~near_cmb & (image < dark_threshold) & (image > 0))
+    brain = brain[rng.permutation(len(brain))[:MAX_POOL]]
+    dark = dark[rng.permutation(len(dark))[:MAX_POOL]]
+    return TrainingVolume(scan.scan_id, image, target, centres, brain, dark)
+
+
+class PatchDataset(Dataset):
+    """Random augmented 20x20x16 windows from training volumes.
+
+    Each item picks a kind by `mix` (weights over "positive", "random", "dark", "mimic";
+    kinds with nothing to draw from are skipped), a volume and a centre, then augments.
+    Returns {"image": (1, 20, 20, 16) float32, "target": (1, 20, 20, 16) float32,
+    "label": () float32 (1 for a CMB-centred window)}.
+    """
+
+    KINDS = ("positive", "random", "dark", "mimic")
+    POOL_ATTR = {"random": "brain", "dark": "dark"}
+
+    def __init__(self, volumes: list[TrainingVolume], n_samples: int, mix: dict[str, float], seed: int = 0,
+                 max_shift: int = 1, flip: bool = True, rotate: bool = True, negative_shift: int | None = None) -> None:
+        if not volumes:
+            raise ValueError("PatchDataset needs at least one training volume")
+        self.volumes = volumes
+        self.n_samples = int(n_samples)
+        self.seed = seed
+        self.epoch = 0
+        self.max_shift = max_shift
+        self.negative_shift = max_shift if negative_shift is None else negative_shift
+        self.flip, self.rotate = flip, rotate
+        pools = {
+            "positive": [(v, c) for v, vol in enumerate(volumes) for c in vol.cmb_centres],
+            "mimic": [(v, c) for v, vol in enumerate(volumes) for c in vol.mimics],
+        }
+        self._pools = pools
+        weights = {k: float(mix.get(k, 0.0)) for k in self.KINDS}
+        if not pools["positive"]:
+            weights["positive"] = 0.0
+        if not pools["mimic"]:
+            weights["mimic"] = 0.0
+        for kind, attr in self.POOL_ATTR.items():
+            if not any(len(getattr(v, attr)) for v in volumes):
+                weights[kind] = 0.0
+        total = sum(weights.values())
+        if total <= 0:
+            raise ValueError(f"nothing to sample with mix {mix}")
+        self.kinds = [k for k in self.KINDS if weights[k] > 0]
+        self.probs = np.array([weights[k] for k in self.kinds]) / total
+
+    def __len__(self) -> int:
+        return self.n_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def draw(self, rng: np.random.Generator) -> tuple[str, int, np.ndarray]:
+        """(kind, volume index, integer centre) of one sample."""
+        kind = self.kinds[int(rng.choice(len(self.kinds), p=self.probs))]
+        if kind in ("positive", "mimic"):
+            pool = self._pools[kind]
+            v, centre = pool[int(rng.integers(len(pool)))]
+            return kind, v, np.asarray(centre)
+        attr = self.POOL_ATTR[kind]
+        candidates = [i for i, vol in enumerate(self.volumes) if len(getattr(vol, attr))]
+        v = candidates[int(rng.integers(len(candidates)))]
+        positions = getattr(self.volumes[v], attr)
+        return kind, v, positions[int(rng.integers(len(positions)))]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        kind, v, centre = self.draw(rng)
+        vol = self.volumes[v]
+        shift = self.max_shift if kind == "positive" else self.negative_shift
+        size = region_size(shift)
+        region = np.stack([crop_centred(vol.image, centre, size), crop_centred(vol.target, centre, size).astype(np.float32)])
+        params = sample_params(rng, shift, self.flip, self.rotate)
+        window = augment_region(region, params, shift, WINDOW)
+        return {
+            "image": torch.from_numpy(window[:1].astype(np.float32)),
+            "target": torch.from_numpy(window[1:].astype(np.float32)),
+            "label": torch.tensor(1.0 if kind == "positive" else 0.0),
+        }

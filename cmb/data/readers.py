@@ -1,0 +1,297 @@
+"""Dataset layouts (see design.md): each yields `Scan` records with CMB instances.
+
+Every reader lists scan ids cheaply, checks the layout up front and loads scans lazily;
+problems raise `DataError` naming the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from cmb.data.io import is_nifti_name, load_volume, mm_to_vox, nifti_stem, same_grid, to_canonical, vox_to_mm
+from cmb.data.mat import dou_centroids
+from cmb.data.scan import CMBInstance, Scan
+from cmb.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
+
+
+class ScanDataset(ABC):
+    """A collection of scans on disk."""
+
+    name: str = "dataset"
+
+    @abstractmethod
+    def scan_ids(self) -> list[str]:
+        """Sorted ids of all scans."""
+
+    @abstractmethod
+    def load(self, scan_id: str) -> Scan:
+        """Read one scan (image reoriented to RAS+, truth attached)."""
+
+    def __iter__(self) -> Iterator[Scan]:
+        for scan_id in self.scan_ids():
+            yield self.load(scan_id)
+
+    def __len__(self) -> int:
+        return len(self.scan_ids())
+
+
+def _check_root(root: str | Path | None) -> Path:
+    if root is None or str(root) in ("", "???"):
+        raise ConfigError("data.root is not set: pass data.root=PATH")
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise DataError(path, "data root does not exist or is not a folder")
+    return path
+
+
+def instances_from_label_map(labels: np.ndarray) -> np.ndarray:
+    """Instance map (int32, 1..N) from a CMB label map.
+
+    A binary map is split into 26-connected components; a map with several integer
+    values keeps each value as its own CMB (even if it is not connected).
+    """
+    labels = np.rint(labels).astype(np.int64)
+    values = np.unique(labels[labels > 0])
+    if len(values) <= 1:
+        out, _ = ndimage.label(labels > 0, structure=CONNECTIVITY_26)
+        return out.astype(np.int32)
+    out = np.zeros(labels.shape, dtype=np.int32)
+    for new, value in enumerate(values, start=1):
+        out[labels == value] = new
+    return out
+
+
+def cmbs_from_instances(instances: np.ndarray, affine: np.ndarray) -> list[CMBInstance]:
+    ids = np.arange(1, int(instances.max()) + 1)
+    if len(ids) == 0:
+        return []
+    centroids = np.array(ndimage.center_of_mass(instances > 0, instances, ids)).reshape(-1, 3)
+    sizes = ndimage.sum_labels(instances > 0, instances, ids)
+    mm = vox_to_mm(centroids, affine)
+    return [
+        CMBInstance(tuple(map(float, c)), tuple(map(float, m)), label=int(i), n_voxels=int(s))
+        for i, c, m, s in zip(ids, centroids, mm, sizes)
+    ]
+
+
+def cmbs_from_points(points_src_vox: np.ndarray, src_affine: np.ndarray, canon_affine: np.ndarray, shape: tuple[int, ...], path: Path) -> list[CMBInstance]:
+    """Centroid-only truth given in the file's own voxel grid -> canonical instances."""
+    pts = np.asarray(points_src_vox, dtype=float).reshape(-1, 3)
+    src_shape = np.asarray(shape)
+    bad = np.any((pts < -0.5) | (pts > src_shape - 0.5), axis=1)
+    if bad.any():
+        raise DataError(path, f"centroid {pts[bad][0].tolist()} lies outside the image of shape {tuple(shape)}")
+    mm = vox_to_mm(pts, src_affine)
+    canon = mm_to_vox(mm, canon_affine)
+    return [CMBInstance(tuple(map(float, c)), tuple(map(float, m))) for c, m in zip(canon, mm)]
+
+
+def build_scan(scan_id: str, image_path: Path, *, label_path: Path | None = None, points: np.ndarray | None = None,
+               points_path: Path | None = None, mask_path: Path | None = None, has_truth: bool = True) -> Scan:
+    """Load an image (and its truth) and reorient everything to RAS+."""
+    data, affine = load_volume(image_path)
+    image, canon_affine, transform = to_canonical(data, affine)
+    scan = Scan(scan_id=scan_id, image=image, affine=canon_affine, path=image_path, mask_path=mask_path,
+                has_truth=has_truth, source_affine=affine, source_shape=data.shape, to_canonical=transform)
+    if label_path is not None:
+        labels, label_affine = load_volume(label_path, what="label map")
+        if labels.shape != data.shape:
+            raise DataError(label_path, f"label map shape {labels.shape} differs from its image's {data.shape} ({image_path.name})")
+        if not same_grid(label_affine, affine):
+            raise DataError(label_path, f"label map affine differs from its image's ({image_path.name})")
+        if np.any(labels < 0) or not np.isfinite(labels).all():
+            raise DataError(label_path, "label map has negative or non-finite values")
+        canon_labels, _, _ = to_canonical(labels, affine)
+        scan.instances = instances_from_label_map(canon_labels)
+        scan.cmbs = cmbs_from_instances(scan.instances, canon_affine)
+    elif points is not None:
+        scan.cmbs = cmbs_from_points(points, affine, canon_affine, data.shape, points_path or image_path)
+    if mask_path is not None:
+        mask, mask_affine = load_volume(mask_path, what="brain mask")
+        if mask.shape != data.shape or not same_grid(mask_affine, affine):
+            raise DataError(mask_path, f"brain mask grid (shape {mask.shape}) differs from its image's {data.shape}")
+    return scan
+
+
+class NiftiDataset(ScanDataset):
+    """`ROOT/images/<id>.nii[.gz]` with `ROOT/labels/<id>...` label maps or `ROOT/annotations.csv` points.
+
+    Optional `ROOT/masks/<id>...` brain masks are used instead of computing one.
+    With `require_truth=False` a folder of images alone is accepted (inference).
+    """
+
+    name = "nifti"
+
+    def __init__(self, root: str | Path, require_truth: bool = True, images_dir: str = "images", labels_dir: str = "labels",
+                 masks_dir: str = "masks", annotations: str = "annotations.csv") -> None:
+        self.root = _check_root(root)
+        self.images_dir = self.root / images_dir
+        if not self.images_dir.is_dir():
+            raise DataError(self.images_dir, "missing the images/ folder of the nifti layout")
+        self._images = _nifti_files(self.images_dir)
+        if not self._images:
+            raise DataError(self.images_dir, "empty dataset: no .nii or .nii.gz images found")
+        self.labels_dir = self.root / labels_dir
+        self.masks_dir = self.root / masks_dir
+        self.annotations_path = self.root / annotations
+        self._points: dict[str, np.ndarray] | None = None
+        self.truth = "labels" if self.labels_dir.is_dir() else "points" if self.annotations_path.is_file() else "none"
+        if self.truth == "none" and require_truth:
+            raise DataError(self.root, "no truth found: expected a labels/ folder or an annotations.csv file")
+        if self.truth == "labels" and self.annotations_path.is_file():
+            log.warning("%s: both labels/ and annotations.csv exist; using labels/", self.root)
+        if self.truth == "labels":
+            missing = [i for i in self._images if _find_nifti(self.labels_dir, i) is None]
+            if missing:
+                raise DataError(self.labels_dir, f"no label map for scan(s) {missing[:5]}")
+        if self.truth == "points":
+            self._points = read_annotations(self.annotations_path, set(self._images))
+
+    def scan_ids(self) -> list[str]:
+        return sorted(self._images)
+
+    def load(self, scan_id: str) -> Scan:
+        image_path = self._images[scan_id]
+        mask_path = _find_nifti(self.masks_dir, scan_id) if self.masks_dir.is_dir() else None
+        if self.truth == "labels":
+            return build_scan(scan_id, image_path, label_path=_find_nifti(self.labels_dir, scan_id), mask_path=mask_path)
+        if self.truth == "points":
+            assert self._points is not None
+            return build_scan(scan_id, image_path, points=self._points.get(scan_id, np.zeros((0, 3))),
+                              points_path=self.annotations_path, mask_path=mask_path)
+        return build_scan(scan_id, image_path, mask_path=mask_path, has_truth=False)
+
+
+def _nifti_files(folder: Path) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or path.is_dir():
+            continue
+        if not is_nifti_name(path):
+            raise DataError(path, "not a NIfTI file (expected .nii or .nii.gz) in the images folder")
+        stem = nifti_stem(path)
+        if stem in files:
+            raise DataError(path, f"scan id {stem!r} appears twice ({files[stem].name})")
+        files[stem] = path
+    return files
+
+
+def _find_nifti(folder: Path, scan_id: str) -> Path | None:
+    for suffix in (".nii.gz", ".nii"):
+        candidate = folder / f"{scan_id}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_annotations(path: Path, known_ids: set[str]) -> dict[str, np.ndarray]:
+    """`scan_id,i,j,k` rows (0-based voxels) -> {scan_id: (N, 3)}."""
+    points: dict[str, list[list[float]]] = {}
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or not {"scan_id", "i", "j", "k"} <= set(reader.fieldnames):
+            raise DataError(path, f"annotations must have columns scan_id,i,j,k; found {reader.fieldnames}")
+        for line, row in enumerate(reader, start=2):
+            scan_id = row["scan_id"].strip()
+            if scan_id not in known_ids:
+                raise DataError(path, f"line {line}: scan_id {scan_id!r} has no image in images/")
+            try:
+                points.setdefault(scan_id, []).append([float(row[c]) for c in ("i", "j", "k")])
+            except (TypeError, ValueError):
+                raise DataError(path, f"line {line}: i,j,k must be numbers, got {row}") from None
+    return {k: np.array(v, dtype=float) for k, v in points.items()}
+
+
+class ValdoDataset(ScanDataset):
+    """VALDO 2021 Task 2: `sub-XXX/sub-XXX_space-T2S_desc-masked_T2S.nii.gz` + `..._CMB.nii.gz`."""
+
+    name = "valdo"
+
+    def __init__(self, root: str | Path, require_truth: bool = True) -> None:
+        self.root = _check_root(root)
+        self.require_truth = require_truth
+        self._subjects = {p.name: p for p in sorted(self.root.glob("sub-*")) if p.is_dir()}
+        if not self._subjects:
+            raise DataError(self.root, "empty dataset: no sub-* folders (VALDO layout)")
+        for sub, folder in self._subjects.items():
+            if _find_nifti(folder, f"{sub}_space-T2S_desc-masked_T2S") is None:
+                raise DataError(folder, f"missing {sub}_space-T2S_desc-masked_T2S.nii.gz")
+            if require_truth and _find_nifti(folder, f"{sub}_space-T2S_CMB") is None:
+                raise DataError(folder, f"missing {sub}_space-T2S_CMB.nii.gz")
+
+    def scan_ids(self) -> list[str]:
+        return sorted(self._subjects)
+
+    def load(self, scan_id: str) -> Scan:
+        folder = self._subjects[scan_id]
+        image = _find_nifti(folder, f"{scan_id}_space-T2S_desc-masked_T2S")
+        label = _find_nifti(folder, f"{scan_id}_space-T2S_CMB")
+        assert image is not None
+        return build_scan(scan_id, image, label_path=label, has_truth=label is not None)
+
+
+class DouDataset(ScanDataset):
+    """CUHK CMB dataset (Dou et al. 2016): `nii/<ID>.nii` + `ground_truth/<ID>.mat` (`cen`, 1-based)."""
+
+    name = "dou"
+    PAPER_SUBSET = tuple(f"{i:02d}" for i in (*range(1, 15), 18))
+
+    def __init__(self, root: str | Path, subset: str = "all", require_truth: bool = True) -> None:
+        self.root = _check_root(root)
+        images_dir = self.root / "nii"
+        if not images_dir.is_dir():
+            raise DataError(images_dir, "missing the nii/ folder of the Dou layout")
+        self._images = _nifti_files(images_dir)
+        if subset == "paper":
+            absent = [i for i in self.PAPER_SUBSET if i not in self._images]
+            if absent:
+                raise DataError(images_dir, f"data.subset=paper needs scans {absent}, which are missing")
+            self._images = {i: self._images[i] for i in self.PAPER_SUBSET}
+        elif subset != "all":
+            raise ConfigError(f"data.subset must be 'all' or 'paper', got {subset!r}")
+        if not self._images:
+            raise DataError(images_dir, "empty dataset: no .nii images")
+        self.truth_dir = self.root / "ground_truth"
+        self.require_truth = require_truth
+        if require_truth:
+            missing = [i for i in self._images if not (self.truth_dir / f"{i}.mat").is_file()]
+            if missing:
+                raise DataError(self.truth_dir, f"no ground-truth .mat for scan(s) {missing[:5]}")
+
+    def scan_ids(self) -> list[str]:
+        return sorted(self._images)
+
+    def load(self, scan_id: str) -> Scan:
+        mat = self.truth_dir / f"{scan_id}.mat"
+        if not mat.is_file():
+            return build_scan(scan_id, self._images[scan_id], has_truth=False)
+        return build_scan(scan_id, self._images[scan_id], points=dou_centroids(mat), points_path=mat)
+
+
+class SyntheticDataset(ScanDataset):
+    """The embedded phantom, written once into the cache in the `nifti` layout and read from there."""
+
+    name = "synthetic"
+
+    def __init__(self, preset: str = "demo", seed: int = 0, cache_dir: str | Path = ".cache", n_scans: int | None = None) -> None:
+        from cmb.data.synthetic import ensure_synthetic_dataset
+
+        self.root = ensure_synthetic_dataset(preset, seed, Path(cache_dir), n_scans=n_scans)
+        self._nifti = NiftiDataset(self.root)
+
+    def scan_ids(self) -> list[str]:
+        return self._nifti.scan_ids()
+
+    def load(self, scan_id: str) -> Scan:
+        return self._nifti.load(scan_id)

@@ -1,0 +1,43 @@
+"""User-facing errors: each names the file (or setting) and the problem."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+
+class CMBError(Exception):
+    """A problem with user input or configuration that the user can fix."""
+
+
+class DataError(CMBError):
+    """A data file is missing, unreadable or not what the layout promises."""
+
+    def __init__(self, path: str | Path | None, problem: str) -> None:
+        self.path = None if path is None else Path(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}" if path is not None else problem)
+
+
+class ConfigError(CMBError):
+    """A setting is out of range or names something that does not exist."""
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def exit_on_user_error(fn: F) -> F:
+    """Turn a `CMBError` into one line on stderr and exit status 2 (no traceback)."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except CMBError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper  # type: ignore[return-value]

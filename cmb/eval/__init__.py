@@ -1,0 +1,1 @@
+"""Evaluation: matching detections to CMBs, sensitivity, FP/scan, FROC, CPM, reports."""

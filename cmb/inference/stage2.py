@@ -1,0 +1,39 @@
+"""Stage-2 scoring: the discriminator ensemble on 20x20x16 patches around candidates."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from cmb import WINDOW
+from cmb.data.augment import centred_window
+
+
+@torch.no_grad()
+def score_points(nets: list[nn.Module], image: np.ndarray, points_vox: np.ndarray, batch_size: int = 256, tta: bool = True,
+                 device: str | torch.device = "cpu") -> np.ndarray:
+    """Mean CMB probability of the ensemble for windows centred on each point.
+
+    image: normalized float32 (I, J, K); points_vox: (N, 3) voxel positions (rounded).
+    With `tta`, each member also sees the window flipped along i and j, and the
+    probabilities are averaged (cheap, and the model was trained on flips).
+    Returns (N,) float32 in [0, 1].
+    """
+    points = np.rint(np.asarray(points_vox, dtype=float).reshape(-1, 3)).astype(int)
+    if len(points) == 0:
+        return np.zeros(0, dtype=np.float32)
+    windows = np.stack([centred_window(image, p, WINDOW) for p in points])[:, None].astype(np.float32)
+    device = torch.device(device)
+    probs = np.zeros(len(points), dtype=np.float64)
+    views = [(), (2,), (3,), (2, 3)] if tta else [()]
+    for net in nets:
+        net = net.to(device).eval()
+        for start in range(0, len(windows), batch_size):
+            batch = torch.from_numpy(windows[start : start + batch_size]).to(device)
+            acc = torch.zeros(len(batch), dtype=torch.float64, device=device)
+            for dims in views:
+                x = torch.flip(batch, dims) if dims else batch
+                acc += torch.softmax(net(x).float(), dim=1)[:, 1].double()
+            probs[start : start + len(batch)] += (acc / len(views)).cpu().numpy()
+    return (probs / len(nets)).astype(np.float32)

@@ -1,0 +1,352 @@
+"""The LOTCV protocol: members (U-Nets, CNNs) per fold, mining, out-of-fold detection.
+
+Run folder (`paths.run_dir`):
+    config.yaml, metadata.json, splits.json, timing.json
+    fold_<k>/unet_bs20/ ... : one member each: config.yaml, metadata.json, metrics.csv,
+                              model.pt (safe weights), checkpoints/last.ckpt, done.json
+    fold_<k>/mimics/<scan>.csv       mined stage-1 false positives (training scans of fold k)
+    fold_<k>/stage1/<scan>.csv       stage-1 candidates of the held-out scans (out-of-fold)
+    fold_<k>/oof/<scan>.csv          those candidates with stage-2 scores and CMB hits
+    fold_final/...                   the same members trained on every scan (for infer.py)
+    results.json, froc.png, report.md, operating_points.csv  (cmb.eval)
+Members with a done.json are skipped, so re-running resumes; an unfinished member
+resumes from its last Lightning checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from cmb.conf_utils import instantiate_checked, write_config_and_metadata
+from cmb.data.io import atomic_write_text
+from cmb.data.patches import TrainingVolume, build_training_volume
+from cmb.data.preprocess import Preprocessed, preprocess_scan
+from cmb.data.readers import ScanDataset
+from cmb.data.scan import Scan
+from cmb.data.splits import make_or_load_splits, select_fold
+from cmb.errors import CMBError, ConfigError
+from cmb.eval.matching import Truth, hit_sets
+from cmb.inference.candidates import Candidate, extract_candidates, read_candidates, write_candidates
+from cmb.inference.stage1 import Stage1InferenceConfig, combine_maps, predict_probability
+from cmb.inference.stage2 import score_points
+from cmb.models.checkpoint import load_model, save_model
+from cmb.models.lightning import PatchDataModule, Stage1Module, Stage2Module
+
+log = logging.getLogger(__name__)
+STAGES = ("unet", "cnn")
+FINAL = "final"
+
+
+def scan_truth(scan: Scan) -> Truth:
+    return Truth(scan.centroids_vox, scan.spacing_mm, scan.instances)
+
+
+def hits_column(points: np.ndarray, truth: Truth, radius_mm: float) -> list[str]:
+    return [";".join(str(h) for h in hs) for hs in hit_sets(points, truth, radius_mm)]
+
+
+class MissingPrerequisite(CMBError):
+    """A step needs the output of an earlier step that is not there yet."""
+
+
+class Experiment:
+    """One run folder and everything trained and predicted in it."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.paths.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.dataset: ScanDataset = instantiate_checked(cfg.data)
+        self.scan_ids = self.dataset.scan_ids()
+        self.splits = make_or_load_splits(self.run_dir, self.scan_ids, int(cfg.seed), cfg.get("splits_file"))
+        self.pre_cfg = instantiate(cfg.preprocess)
+        self.cache_dir = Path(cfg.paths.cache_dir)
+        self.infer_cfg = Stage1InferenceConfig(**OmegaConf.to_container(cfg.inference.stage1, resolve=True))  # type: ignore[arg-type]
+        self.device = "cuda" if cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu"
+        self._timing_path = self.run_dir / "timing.json"
+
+    # ---------------------------------------------------------------- folds and data
+    @property
+    def n_folds(self) -> int:
+        return len(self.splits["folds"])
+
+    def fold_split(self, fold: int | str) -> dict:
+        if fold == FINAL:
+            return {"fold": FINAL, "train": list(self.scan_ids), "test": []}
+        return select_fold(self.splits, fold if isinstance(fold, int) else int(fold))
+
+    def fold_dir(self, fold: int | str) -> Path:
+        return self.run_dir / f"fold_{fold}"
+
+    def member_dir(self, stage: str, fold: int | str, batch_size: int) -> Path:
+        return self.fold_dir(fold) / f"{stage}_bs{batch_size}"
+
+    def load_scan(self, scan_id: str) -> tuple[Scan, Preprocessed]:
+        scan = self.dataset.load(scan_id)
+        t = time.perf_counter()
+        pre = preprocess_scan(scan, self.pre_cfg, self.cache_dir)
+        self.add_time("preprocess", time.perf_counter() - t)
+        return scan, pre
+
+    def add_time(self, key: str, seconds: float, count_key: str | None = None) -> None:
+        """Accumulate wall time per phase in timing.json (seconds)."""
+        timing = json.loads(self._timing_path.read_text()) if self._timing_path.is_file() else {}
+        timing[key] = round(timing.get(key, 0.0) + seconds, 3)
+        if count_key:
+            timing[count_key] = timing.get(count_key, 0) + 1
+        atomic_write_text(json.dumps(timing, indent=1), self._timing_path)
+
+    def training_volumes(self, scan_ids: list[str], mimics_dir: Path | None = None) -> list[TrainingVolume]:
+        volumes = []
+        for scan_id in scan_ids:
+            scan, pre = self.load_scan(scan_id)
+            vol = build_training_volume(scan, pre, point_radius_mm=float(self.cfg.data_options.point_target_radius_mm),
+                                        dark_threshold=float(self.cfg.data_options.dark_threshold), seed=int(self.cfg.seed))
+            if mimics_dir is not None:
+                path = mimics_dir / f"{scan_id}.csv"
+                cands, _ = read_candidates(path)
+                vol.mimics = np.rint(np.array([c.voxel for c in cands])).astype(int).reshape(-1, 3)
+            volumes.append(vol)
+        return volumes
+
+    # ---------------------------------------------------------------- members
+    def stage_cfg(self, stage: str) -> DictConfig:
+        if stage not in STAGES:
+            raise ConfigError(f"stage must be one of {STAGES}, got {stage!r}")
+        return self.cfg.model if stage == "unet" else self.cfg.cnn
+
+    def member_settings_hash(self, stage: str, fold: int | str, batch_size: int) -> str:
+        keep = {"stage": OmegaConf.to_container(self.stage_cfg(stage), resolve=True), "data": OmegaConf.to_container(self.cfg.data, resolve=True),
+                "preprocess": OmegaConf.to_container(self.cfg.preprocess, resolve=True), "seed": int(self.cfg.seed),
+                "batch_size": int(batch_size), "split": self.fold_split(fold)}
+        if stage == "cnn":
+            keep["mining"] = OmegaConf.to_container(self.cfg.mining, resolve=True)
+        return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def is_done(self, stage: str, fold: int | str, batch_size: int) -> bool:
+        done = self.member_dir(stage, fold, batch_size) / "done.json"
+        if not done.is_file():
+            return False
+        saved = json.loads(done.read_text()).get("settings_hash")
+        if saved != self.member_settings_hash(stage, fold, batch_size):
+            raise ConfigError(f"{done.parent}: this member was trained with other settings; "
+                              "use a new run (name=...) or delete the member folder")
+        return True
+
+    def train_member(self, stage: str, fold: int | str, batch_size: int) -> Path:
+        """Train one U-Net (`unet`) or discriminator (`cnn`) member; skipped when already done."""
+        out = self.member_dir(stage, fold, batch_size)
+        if self.is_done(stage, fold, batch_size):
+            log.info("%s: already trained, skipping", out)
+            return out
+        split = self.fold_split(fold)
+        mimics_dir = None
+        if stage == "cnn":
+            mimics_dir = self.fold_dir(fold) / "mimics"
+            missing = [s for s in split["train"] if not (mimics_dir / f"{s}.csv").is_file()]
+            if missing:
+                raise MissingPrerequisite(f"{mimics_dir}: no mined mimics for training scan(s) {missing[:4]} of fold {fold}; "
+                                          f"run `python train.py stage=mine fold={fold}` first (it needs both U-Nets of the fold)")
+        scfg = self.stage_cfg(stage)
+        t0 = time.perf_counter()
+        volumes = self.training_volumes(split["train"], mimics_dir)
+        seed = int(self.cfg.seed) * 1000 + int(batch_size) + (0 if stage == "unet" else 500) + (hash_fold(fold) * 7)
+        pl.seed_everything(seed, workers=True)
+        net_kwargs = OmegaConf.to_container(scfg.net, resolve=True)
+        net = instantiate(scfg.net)
+        optimizer = instantiate(scfg.optimizer)
+        max_steps = int(scfg.max_steps)
+        if stage == "unet":
+            module: pl.LightningModule = Stage1Module(net, instantiate(scfg.loss), optimizer, max_steps)
+        else:
+            module = Stage2Module(net, optimizer, max_steps, label_smoothing=float(scfg.get("label_smoothing", 0.0)))
+        data = PatchDataModule(volumes, int(batch_size), int(scfg.steps_per_epoch), dict(scfg.sampling), seed=seed,
+                               max_shift=int(scfg.max_shift), negative_shift=scfg.get("negative_shift"), num_workers=int(self.cfg.trainer.num_workers))
+        out.mkdir(parents=True, exist_ok=True)
+        write_config_and_metadata(out, self.cfg, stage=stage, fold=str(fold), batch_size=int(batch_size), train_scans=split["train"],
+                                  heldout_scans=split["test"], training_seed=seed)
+        trainer = self._trainer(out, max_steps, f"{stage}_bs{batch_size}_fold{fold}")
+        last = out / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            log.info("%s: resuming from %s", out, last)
+        trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.is_file() else None)
+        net_kwargs.pop("_target_", None)
+        save_model(net, net_kwargs, out / "model.pt", stage=stage, fold=str(fold), batch_size=int(batch_size), train_scans=split["train"])
+        metrics = sorted(out.glob("csv/**/metrics.csv"))
+        if metrics:
+            shutil.copy(metrics[-1], out / "metrics.csv")
+        seconds = time.perf_counter() - t0
+        self.add_time("train", seconds, "n_members_trained")
+        done = {"settings_hash": self.member_settings_hash(stage, fold, batch_size), "steps": int(trainer.global_step),
+                "train_seconds": round(seconds, 2), "final_loss": _last_metric(out / "metrics.csv", "train/loss")}
+        atomic_write_text(json.dumps(done, indent=1), out / "done.json")
+        return out
+
+    def _trainer(self, out: Path, max_steps: int, run_name: str) -> pl.Trainer:
+        tcfg = self.cfg.trainer
+        loggers = [instantiate(lg, save_dir=str(out), **({"name": run_name} if "Wandb" in lg._target_ else {}))
+                   for lg in self.cfg.logger.values()] if self.cfg.get("logger") else []
+        ckpt = pl.callbacks.ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0,
+                                            every_n_train_steps=int(tcfg.checkpoint_every_n_steps))
+        torch.set_num_threads(int(tcfg.threads)) if tcfg.get("threads") else None
+        return pl.Trainer(max_steps=max_steps, accelerator=tcfg.accelerator, devices=tcfg.devices, strategy=tcfg.strategy,
+                          precision=tcfg.precision, logger=loggers, callbacks=[ckpt], log_every_n_steps=int(tcfg.log_every_n_steps),
+                          enable_progress_bar=bool(tcfg.enable_progress_bar), enable_model_summary=False,
+                          reload_dataloaders_every_n_epochs=1, deterministic=bool(tcfg.deterministic), num_sanity_val_steps=0,
+                          limit_val_batches=0)
+
+    def members(self, stage: str, fold: int | str) -> list[torch.nn.Module]:
+        nets = []
+        for bs in self.stage_cfg(stage).batch_sizes:
+            path = self.member_dir(stage, fold, int(bs)) / "model.pt"
+            if not path.is_file():
+                raise MissingPrerequisite(f"{path}: member not trained yet; run `python train.py stage={stage} fold={fold} batch_size={bs}`")
+            nets.append(load_model(path, self.device)[0])
+        return nets
+
+    # ---------------------------------------------------------------- stage 1 use
+    def stage1_map(self, nets: list[torch.nn.Module], pre: Preprocessed) -> np.ndarray:
+        maps = [predict_probability(n, np.asarray(pre.image), np.asarray(pre.mask), self.infer_cfg, self.device) for n in nets]
+        return combine_maps(maps, str(self.cfg.inference.ensemble_normalize))
+
+    def mine(self, fold: int | str) -> Path:
+        """Save stage-1 false positives (combined map >= mining threshold) for the fold's training scans."""
+        out = self.fold_dir(fold) / "mimics"
+        split = self.fold_split(fold)
+        mode = str(self.cfg.mining.mode)
+        thr, radius = float(self.cfg.mining.threshold), float(self.cfg.eval.match_radius_mm)
+        todo = [s for s in split["train"] if not (out / f"{s}.csv").is_file()]
+        if not todo:
+            return out
+        nets = self.members("unet", fold) if mode == "leak_free" else None
+        for scan_id in todo:
+            if mode == "leak_free":
+                scan, pre = self.load_scan(scan_id)
+                cands = extract_candidates(self.stage1_map(nets, pre), thr, scan.affine, scan_id)  # type: ignore[arg-type]
+                hits = hit_sets(np.array([c.voxel for c in cands]).reshape(-1, 3), scan_truth(scan), radius)
+                mimics = [c for c, h in zip(cands, hits) if not h]
+            elif mode == "paper":
+                source = self.heldout_fold_of(scan_id)
+                path = self.fold_dir(source) / "stage1" / f"{scan_id}.csv"
+                if not path.is_file():
+                    raise MissingPrerequisite(f"{path}: paper-style mining needs the out-of-fold stage-1 candidates of fold {source}")
+                cands, rows = read_candidates(path)
+                mimics = [c for c, r in zip(cands, rows) if c.peak >= thr and not r["hits"]]
+            else:
+                raise ConfigError(f"mining.mode must be 'leak_free' or 'paper', got {mode!r}")
+            write_candidates(mimics, out / f"{scan_id}.csv")
+            log.info("fold %s: %d mimics mined on %s", fold, len(mimics), scan_id)
+        return out
+
+    def heldout_fold_of(self, scan_id: str) -> int:
+        for f in self.splits["folds"]:
+            if scan_id in f["test"]:
+                return int(f["fold"])
+        raise ConfigError(f"scan {scan_id} is in no fold's held-out set")
+
+    def stage1_heldout(self, fold: int) -> None:
+        """Out-of-fold stage-1 candidates (>= the lowest threshold used) of the fold's held-out scans."""
+        out = self.fold_dir(fold) / "stage1"
+        todo = [s for s in self.fold_split(fold)["test"] if not (out / f"{s}.csv").is_file()]
+        if not todo:
+            return
+        nets = self.members("unet", fold)
+        thr = min(float(self.cfg.mining.threshold), float(self.cfg.inference.stage1_threshold), float(self.cfg.inference.candidate_threshold))
+        for scan_id in todo:
+            scan, pre = self.load_scan(scan_id)
+            t = time.perf_counter()
+            cands = extract_candidates(self.stage1_map(nets, pre), thr, scan.affine, scan_id)
+            self.add_time("stage1_inference", time.perf_counter() - t, "n_stage1_scans")
+            points = np.array([c.voxel for c in cands]).reshape(-1, 3)
+            write_candidates(cands, out / f"{scan_id}.csv", {"hits": hits_column(points, scan_truth(scan), float(self.cfg.eval.match_radius_mm))})
+            self.write_truth(fold, scan)
+
+    def write_truth(self, fold: int, scan: Scan) -> None:
+        path = self.fold_dir(fold) / "truth" / f"{scan.scan_id}.json"
+        atomic_write_text(json.dumps({"scan_id": scan.scan_id, "fold": fold, "n_cmbs": len(scan.cmbs),
+                                      "centroids_vox": scan.centroids_vox.round(3).tolist()}), path)
+
+    def stage2_heldout(self, fold: int) -> None:
+        """Score the held-out candidates (stage-1 peak >= stage-1 threshold) with the fold's CNNs."""
+        out = self.fold_dir(fold) / "oof"
+        todo = [s for s in self.fold_split(fold)["test"] if not (out / f"{s}.csv").is_file()]
+        if not todo:
+            return
+        nets = self.members("cnn", fold)
+        thr = float(self.cfg.inference.stage1_threshold)
+        for scan_id in todo:
+            cands, rows = read_candidates(self.fold_dir(fold) / "stage1" / f"{scan_id}.csv")
+            keep = [n for n, c in enumerate(cands) if c.peak >= thr]
+            _, pre = self.load_scan(scan_id)
+            t = time.perf_counter()
+            scores = score_points(nets, np.asarray(pre.image), np.array([cands[n].voxel for n in keep]).reshape(-1, 3),
+                                  tta=bool(self.cfg.inference.stage2_tta), device=self.device)
+            self.add_time("stage2_inference", time.perf_counter() - t, "n_stage2_scans")
+            kept = []
+            for n, s in zip(keep, scores):
+                cands[n].score = float(s)
+                kept.append(cands[n])
+            write_candidates(kept, out / f"{scan_id}.csv", {"hits": [rows[n]["hits"] for n in keep]})
+
+    # ---------------------------------------------------------------- whole protocol
+    def run_fold(self, fold: int | str) -> None:
+        for bs in self.cfg.model.batch_sizes:
+            self.train_member("unet", fold, int(bs))
+        if fold != FINAL:
+            self.stage1_heldout(int(fold))
+        if str(self.cfg.mining.mode) == "leak_free" or fold == FINAL:
+            self.mine(fold)
+        else:
+            for other in range(self.n_folds):  # paper-style mining needs every fold's stage-1 output
+                for bs in self.cfg.model.batch_sizes:
+                    self.train_member("unet", other, int(bs))
+                self.stage1_heldout(other)
+            self.mine(fold)
+        for bs in self.cfg.cnn.batch_sizes:
+            self.train_member("cnn", fold, int(bs))
+        if fold != FINAL:
+            self.stage2_heldout(int(fold))
+
+    def run_all(self) -> dict[str, Any]:
+        write_config_and_metadata(self.run_dir, self.cfg, n_folds=self.n_folds)
+        t0 = time.perf_counter()
+        folds = list(range(self.n_folds)) if self.cfg.get("folds") in (None, "all") else [int(f) for f in self.cfg.folds]
+        for fold in folds:
+            log.info("=== fold %d of %d ===", fold, self.n_folds)
+            self.run_fold(fold)
+        if bool(self.cfg.protocol.train_final):
+            log.info("=== final models on all %d scans ===", len(self.scan_ids))
+            self.run_fold(FINAL)
+        self.add_time("protocol_wall", time.perf_counter() - t0)
+        from cmb.eval.evaluate import evaluate_run
+
+        return evaluate_run(self.run_dir, self.cfg)
+
+
+def hash_fold(fold: int | str) -> int:
+    return 99 if fold == FINAL else int(fold)
+
+
+def _last_metric(path: Path, name: str) -> float | None:
+    import csv
+
+    if not path.is_file():
+        return None
+    value = None
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row.get(name):
+                value = float(row[name])
+    return value

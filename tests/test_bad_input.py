@@ -1,0 +1,126 @@
+"""Each bad input gives a clear DataError naming the file and the problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from cmb.data.readers import DouDataset, NiftiDataset
+from cmb.errors import ConfigError, DataError
+from tests.conftest import AFFINE, make_volume, save
+
+
+def _dataset_with(tmp_path: Path, image: np.ndarray, labels: np.ndarray | None = None, label_affine=AFFINE) -> Path:
+    root = tmp_path / "bad"
+    save(image, root / "images" / "x.nii.gz")
+    save(labels if labels is not None else np.zeros(image.shape[:3], np.int16), root / "labels" / "x.nii.gz", label_affine)
+    return root
+
+
+def test_missing_root(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="data root does not exist"):
+        NiftiDataset(tmp_path / "nothing")
+    with pytest.raises(ConfigError, match="data.root is not set"):
+        NiftiDataset(None)  # type: ignore[arg-type]
+
+
+def test_empty_dataset(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    with pytest.raises(DataError, match="empty dataset"):
+        NiftiDataset(tmp_path)
+
+
+def test_file_that_is_not_nifti(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "notes.txt").write_text("hello")
+    with pytest.raises(DataError, match=r"notes\.txt: not a NIfTI"):
+        NiftiDataset(tmp_path)
+
+
+def test_corrupt_nifti(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "images" / "x.nii.gz").write_bytes(b"garbage")
+    (tmp_path / "labels" / "x.nii.gz").write_bytes(b"garbage")
+    with pytest.raises(DataError, match=r"x\.nii\.gz: cannot read image"):
+        NiftiDataset(tmp_path).load("x")
+
+
+def test_corrupt_mat(tmp_path: Path) -> None:
+    image, _ = make_volume(0, [])
+    save(image, tmp_path / "nii" / "01.nii")
+    (tmp_path / "ground_truth").mkdir()
+    (tmp_path / "ground_truth" / "01.mat").write_bytes(b"not a mat file at all")
+    with pytest.raises(DataError, match=r"01\.mat: cannot read"):
+        DouDataset(tmp_path).load("01")
+
+
+@pytest.mark.parametrize("shape,match", [((40, 40), "must be a 3D volume, got 2D"), ((40, 40, 24, 2), "got 4D")])
+def test_2d_and_4d_images(tmp_path: Path, shape, match) -> None:
+    root = _dataset_with(tmp_path, np.ones(shape, np.float32), np.zeros((40, 40, 24), np.int16))
+    with pytest.raises(DataError, match=match):
+        NiftiDataset(root).load("x")
+
+
+def test_nan_inf_and_all_zero(tmp_path: Path) -> None:
+    image, _ = make_volume(0, [])
+    image[3, 3, 3] = np.nan
+    image[4, 4, 4] = np.inf
+    with pytest.raises(DataError, match="2 NaN/Inf voxels"):
+        NiftiDataset(_dataset_with(tmp_path / "a", image)).load("x")
+    with pytest.raises(DataError, match="all zeros"):
+        NiftiDataset(_dataset_with(tmp_path / "b", np.zeros((40, 40, 24), np.float32))).load("x")
+
+
+def test_label_map_shape_or_affine_mismatch(tmp_path: Path) -> None:
+    image, labels = make_volume(0, [(10, 10, 10)])
+    with pytest.raises(DataError, match=r"labels/x\.nii\.gz: label map shape"):
+        NiftiDataset(_dataset_with(tmp_path / "a", image, labels[:-1])).load("x")
+    shifted = AFFINE.copy()
+    shifted[0, 3] = 5.0
+    with pytest.raises(DataError, match="label map affine differs"):
+        NiftiDataset(_dataset_with(tmp_path / "b", image, labels, shifted)).load("x")
+
+
+def test_centroid_outside_volume(tmp_path: Path) -> None:
+    image, _ = make_volume(0, [])
+    save(image, tmp_path / "images" / "x.nii.gz")
+    (tmp_path / "annotations.csv").write_text("scan_id,i,j,k\nx,10,10,99\n")
+    with pytest.raises(DataError, match=r"annotations\.csv: centroid .* outside the image"):
+        NiftiDataset(tmp_path).load("x")
+
+
+def test_annotations_for_unknown_scan(tmp_path: Path) -> None:
+    image, _ = make_volume(0, [])
+    save(image, tmp_path / "images" / "x.nii.gz")
+    (tmp_path / "annotations.csv").write_text("scan_id,i,j,k\ny,1,1,1\n")
+    with pytest.raises(DataError, match="'y' has no image"):
+        NiftiDataset(tmp_path)
+
+
+def test_image_smaller_than_window(tmp_path: Path) -> None:
+    root = _dataset_with(tmp_path, np.ones((40, 40, 10), np.float32), np.zeros((40, 40, 10), np.int16))
+    with pytest.raises(DataError, match=r"smaller than one \(20, 20, 16\) window"):
+        NiftiDataset(root).load("x")
+
+
+def test_missing_label_file(tmp_path: Path) -> None:
+    image, _ = make_volume(0, [])
+    save(image, tmp_path / "images" / "x.nii.gz")
+    save(image, tmp_path / "images" / "y.nii.gz")
+    save(np.zeros(image.shape, np.int16), tmp_path / "labels" / "x.nii.gz")
+    with pytest.raises(DataError, match=r"no label map for scan\(s\) \['y'\]"):
+        NiftiDataset(tmp_path)
+
+
+def test_no_half_written_nifti(tmp_path: Path) -> None:
+    from cmb.data.io import atomic_save_nifti
+
+    target = atomic_save_nifti(np.ones((4, 4, 4), np.float32), np.eye(4), tmp_path / "a.nii.gz")
+    with pytest.raises(DataError, match="refusing to overwrite"):
+        atomic_save_nifti(np.zeros((4, 4, 4), np.float32), np.eye(4), target)
+    assert np.asanyarray(nib.load(target).dataobj).max() == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["a.nii.gz"]

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cmb.data import preprocess as pp
+from cmb.data.phantom import PRESETS, PhantomGenerator
+from cmb.data.readers import SyntheticDataset
+
+
+@pytest.fixture(scope="module")
+def phantom_scan():
+    return PhantomGenerator(PRESETS["demo"], seed=0).generate(1)
+
+
+def test_histogram_peak_normalization_maps_peak_to_half() -> None:
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(300, 10, 50_000), rng.normal(700, 30, 10_000)]).astype(np.float32)
+    assert pp.histogram_peak(values) == pytest.approx(300, rel=0.02)
+    out = pp.HistogramPeakNormalized("image")({"image": values.reshape(60, 100, 10), "mask": np.ones((60, 100, 10), bool)})
+    assert pp.histogram_peak(out["image"].ravel()) == pytest.approx(0.5, abs=0.01)
+
+
+def test_chain_on_phantom_mask_and_peak(phantom_scan) -> None:
+    data = {"image": phantom_scan.image, "mask": None, "spacing": (0.45, 0.45, 0.9), "affine": phantom_scan.affine}
+    out = pp.preprocessing_chain(pp.PreprocessConfig())(data)
+    mask, tissue = out["mask"], phantom_scan.tissue
+    assert out["mask_method"] == "threshold"
+    assert (mask & (tissue == 4)).sum() / (tissue == 4).sum() > 0.98  # covers the brain
+    assert (mask & (tissue == 1)).sum() / (tissue == 1).sum() < 0.01  # no scalp
+    assert (mask & (tissue == 2)).sum() / (tissue == 2).sum() < 0.10  # skull only at its inner edge
+    assert pp.histogram_peak(out["image"][mask]) == pytest.approx(0.5, abs=0.02)
+    assert np.all(out["image"][~mask] == 0)
+
+
+def test_n4_flattens_a_bias_field() -> None:
+    rng = np.random.default_rng(0)
+    shape = (48, 48, 32)
+    grid = np.indices(shape).astype(float)
+    bias = np.exp(0.4 * (grid[0] / shape[0] - 0.5))
+    image = (1000 * bias * (1 + 0.02 * rng.standard_normal(shape))).astype(np.float32)
+    mask = np.ones(shape, bool)
+    out = pp.N4BiasCorrectiond("image", shrink=2)({"image": image, "mask": mask, "spacing": (1.0, 1.0, 1.0)})
+    before = image[:8].mean() / image[-8:].mean()
+    after = out["image"][:8].mean() / out["image"][-8:].mean()
+    assert abs(np.log(after)) < 0.3 * abs(np.log(before))
+
+
+def test_user_mask_wins_and_cache_avoids_rerun(tiny_synthetic: Path, tmp_path: Path, monkeypatch) -> None:
+    ds = SyntheticDataset("tiny", 0, tiny_synthetic)
+    scan = ds.load(ds.scan_ids()[0])
+    cfg = pp.PreprocessConfig()
+    first = pp.preprocess_scan(scan, cfg, tmp_path)
+    calls = []
+    monkeypatch.setattr(pp, "preprocessing_chain", lambda c: calls.append(c) or (_ for _ in ()).throw(AssertionError("re-ran")))
+    second = pp.preprocess_scan(scan, cfg, tmp_path)
+    assert calls == []
+    np.testing.assert_array_equal(first.image, second.image)
+    assert first.meta["mask_method"] == "threshold"
+    monkeypatch.undo()
+    user = np.zeros(scan.shape, bool)
+    user[10:50, 10:50, 5:25] = True
+    out = pp.BrainMaskd("image")({"image": scan.image, "mask": user, "spacing": scan.spacing_mm, "affine": scan.affine})
+    assert out["mask_method"] == "user" and np.array_equal(out["mask"], user)
+
+
+def test_hdbet_is_skipped_with_reason_when_absent(tmp_path: Path) -> None:
+    ok, why = pp.hdbet_available(str(tmp_path / "no-weights"))
+    assert not ok and ("not installed" in why or "weights are not in" in why)

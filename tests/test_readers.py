@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy.io import savemat
+
+from cmb.data.io import vox_to_mm
+from cmb.data.readers import DouDataset, NiftiDataset, SyntheticDataset, ValdoDataset, instances_from_label_map
+from tests.conftest import AFFINE, make_volume, save
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_nifti_labels_give_instances_and_centroids(nifti_root: Path) -> None:
+    ds = NiftiDataset(nifti_root)
+    assert ds.scan_ids() == ["s0", "s1", "s2"]
+    s0 = ds.load("s0")
+    assert len(s0.cmbs) == 2
+    found = sorted(tuple(np.round(c.centroid_vox).astype(int)) for c in s0.cmbs)
+    assert found == [(12, 12, 8), (28, 26, 14)]
+    c = s0.cmbs[0]
+    np.testing.assert_allclose(c.centroid_mm, vox_to_mm(np.array(c.centroid_vox), AFFINE)[0])
+    assert s0.spacing_mm == pytest.approx((0.45, 0.45, 0.9))
+    assert ds.load("s2").cmbs == []
+
+
+def test_label_map_binary_splits_components_and_ids_stay_whole() -> None:
+    labels = np.zeros((10, 10, 10))
+    labels[1:3, 1:3, 1:3] = 1
+    labels[6:8, 6:8, 6:8] = 1
+    assert instances_from_label_map(labels).max() == 2
+    labels[6:8, 6:8, 6:8] = 5
+    labels[1, 8, 8] = 5  # id 5 in two pieces: still one CMB
+    inst = instances_from_label_map(labels)
+    assert inst.max() == 2 and len(np.unique(inst[labels == 5])) == 1
+
+
+def test_nifti_points_layout(tmp_path: Path) -> None:
+    root = tmp_path / "pts"
+    image, _ = make_volume(0, [(10, 11, 12)])
+    save(image, root / "images" / "a.nii")
+    save(image, root / "images" / "b.nii.gz")
+    (root / "annotations.csv").write_text("scan_id,i,j,k\na,10,11,12\n")
+    ds = NiftiDataset(root)
+    a, b = ds.load("a"), ds.load("b")
+    assert a.instances is None and len(a.cmbs) == 1 and b.cmbs == []
+    np.testing.assert_allclose(a.cmbs[0].centroid_vox, (10, 11, 12))
+
+
+def test_non_canonical_orientation_keeps_world_positions(tmp_path: Path) -> None:
+    """An LPS-stored scan is reoriented to RAS; its CMB keeps its world position."""
+    lps = np.diag([-0.45, -0.45, 0.9, 1.0])
+    lps[:3, 3] = [20, 20, 0]
+    image, labels = make_volume(0, [(10, 30, 8)])
+    save(image, tmp_path / "o" / "images" / "x.nii.gz", lps)
+    save(labels, tmp_path / "o" / "labels" / "x.nii.gz", lps)
+    scan = NiftiDataset(tmp_path / "o").load("x")
+    assert np.all(np.diag(scan.affine)[:3] > 0)
+    np.testing.assert_allclose(scan.cmbs[0].centroid_mm, vox_to_mm(np.array([10, 30, 8]), lps)[0], atol=1e-6)
+    assert scan.image[tuple(np.round(scan.cmbs[0].centroid_vox).astype(int))] < 400
+
+
+def test_valdo_layout(tmp_path: Path) -> None:
+    for sub, centres in (("sub-101", [(15, 15, 10)]), ("sub-102", [])):
+        image, labels = make_volume(1, centres)
+        save(image, tmp_path / sub / f"{sub}_space-T2S_desc-masked_T2S.nii.gz")
+        save(labels, tmp_path / sub / f"{sub}_space-T2S_CMB.nii.gz")
+    ds = ValdoDataset(tmp_path)
+    assert ds.scan_ids() == ["sub-101", "sub-102"]
+    assert len(ds.load("sub-101").cmbs) == 1 and ds.load("sub-102").cmbs == []
+
+
+def _write_v73(path: Path, cen: np.ndarray) -> None:
+    """A MATLAB v7.3 file: HDF5 with a 512-byte header, arrays stored column-major."""
+    with h5py.File(path, "w", userblock_size=512) as f:
+        f.create_dataset("cen", data=np.asarray(cen, dtype=float).T)
+        f.create_dataset("gt_num", data=np.array([[len(cen)]], dtype=float))
+    with open(path, "r+b") as f:
+        f.write(b"MATLAB 7.3 MAT-file, Platform: GLNXA64".ljust(116, b" "))
+
+
+@pytest.mark.parametrize("fmt", ["v5", "v73"])
+def test_dou_layout_both_mat_formats_and_1_based(tmp_path: Path, fmt: str) -> None:
+    lps = np.diag([-0.45, -0.45, 0.9, 1.0])
+    image, _ = make_volume(2, [(10, 20, 6), (30, 8, 16)])
+    save(image, tmp_path / "nii" / "01.nii", lps)
+    cen = np.array([[11, 21, 7], [31, 9, 17]], dtype=float)  # MATLAB 1-based
+    (tmp_path / "ground_truth").mkdir()
+    mat = tmp_path / "ground_truth" / "01.mat"
+    if fmt == "v5":
+        savemat(mat, {"cen": cen, "gt_num": 2})
+    else:
+        _write_v73(mat, cen)
+    scan = DouDataset(tmp_path).load("01")
+    assert len(scan.cmbs) == 2
+    expected_mm = vox_to_mm(cen - 1, lps)
+    np.testing.assert_allclose([c.centroid_mm for c in scan.cmbs], expected_mm, atol=1e-6)
+    for c in scan.cmbs:  # the canonical voxel is dark: orientation handled through the affine
+        assert scan.image[tuple(np.round(c.centroid_vox).astype(int))] < 400
+
+
+def test_dou_paper_subset_needs_its_scans(tmp_path: Path) -> None:
+    image, _ = make_volume(0, [])
+    save(image, tmp_path / "nii" / "01.nii")
+    (tmp_path / "ground_truth").mkdir()
+    savemat(tmp_path / "ground_truth" / "01.mat", {"cen": np.zeros((0, 3)), "gt_num": 0})
+    assert DouDataset(tmp_path).load("01").cmbs == []
+    with pytest.raises(Exception, match="subset=paper needs scans"):
+        DouDataset(tmp_path, subset="paper")
+
+
+def test_synthetic_layout_reads_back(tiny_synthetic: Path) -> None:
+    ds = SyntheticDataset("tiny", 0, tiny_synthetic)
+    assert len(ds) == 4
+    scan = ds.load(ds.scan_ids()[0])
+    assert scan.shape == (64, 64, 32) and scan.instances is not None
+
+
+def test_summary_command(nifti_root: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "cmb.data.summary", "data=nifti", f"data.root={nifti_root}"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == "scans: 3 cmbs: 3"
+    assert lines[0].startswith("s0") and "40x40x24" in lines[0] and "0.45x0.45x0.9" in lines[0] and lines[0].endswith("cmbs 2")
+
+
+def test_summary_command_missing_root_is_clear(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "cmb.data.summary", "data=nifti", f"data.root={tmp_path}/nope"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 2
+    assert "nope: data root does not exist" in out.stderr and "Traceback" not in out.stderr

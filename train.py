@@ -1,0 +1,59 @@
+"""Train the CMB detector.
+
+    python train.py fold=3 batch_size=30                 # one stage-1 U-Net member
+    python train.py stage=mine fold=3                    # mine stage-1 false positives for fold 3
+    python train.py stage=cnn fold=3 batch_size=20       # one stage-2 CNN member
+    python train.py experiment=lotcv                     # the whole LOTCV protocol + evaluation
+    python train.py -m fold=0,1 batch_size=20,30         # Hydra multirun
+"""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+from omegaconf import DictConfig
+
+from cmb.conf_utils import hydra_entry
+from cmb.errors import ConfigError
+
+log = logging.getLogger("cmb")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@hydra_entry
+def main(cfg: DictConfig) -> float | None:
+    from cmb.pipeline import FINAL, Experiment
+
+    exp = Experiment(cfg)
+    stage = str(cfg.stage)
+    fold = FINAL if str(cfg.fold) == FINAL else cfg.fold
+    if stage != "all":
+        if not isinstance(fold, int) and fold != FINAL:
+            raise ConfigError(f"fold must be an integer or 'final', got {fold!r}")
+        exp.fold_split(fold)  # range check with a clear message
+    if stage in ("unet", "cnn"):
+        out = exp.train_member(stage, fold, int(cfg.batch_size))
+        print(f"member written to {out}")
+    elif stage == "mine":
+        print(f"mimics written to {exp.mine(fold)}")
+    elif stage == "fold":
+        exp.run_fold(fold)
+        print(f"fold {fold} finished in {exp.fold_dir(fold)}")
+    elif stage == "all":
+        results = exp.run_all()
+        ch = results["chosen_operating_point"]
+        print(f"stage 1 @ {results['stage1']['threshold']}: sensitivity {results['stage1']['sensitivity']:.3f} at "
+              f"{results['stage1']['fp_per_scan']:.2f} FP/scan (out-of-fold)")
+        print(f"two-stage @ {ch['threshold']}: sensitivity {ch['sensitivity']:.3f} at {ch['fp_per_scan']:.2f} FP/scan; "
+              f"CPM {results['froc']['cpm']:.3f}")
+        print(f"report: {exp.run_dir / 'report.md'}")
+        print(f"FROC plot: {exp.run_dir / 'froc.png'}")
+        return float(results["froc"]["cpm"])
+    else:
+        raise ConfigError(f"stage must be one of unet, cnn, mine, fold, all; got {stage!r}")
+    return None
+
+
+if __name__ == "__main__":
+    main()
