@@ -20,6 +20,7 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,7 @@ class Experiment:
         self.infer_cfg = Stage1InferenceConfig(**OmegaConf.to_container(cfg.inference.stage1, resolve=True))  # type: ignore[arg-type]
         self.device = "cuda" if cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu"
         self._timing_path = self.run_dir / "timing.json"
+        self._volumes: dict[str, TrainingVolume] = {}
 
     # ---------------------------------------------------------------- folds and data
     @property
@@ -109,15 +111,18 @@ class Experiment:
         atomic_write_text(json.dumps(timing, indent=1), self._timing_path)
 
     def training_volumes(self, scan_ids: list[str], mimics_dir: Path | None = None) -> list[TrainingVolume]:
+        """Targets and negative pools per scan (built once per process), with the fold's mimics attached."""
         volumes = []
         for scan_id in scan_ids:
-            scan, pre = self.load_scan(scan_id)
-            vol = build_training_volume(scan, pre, point_radius_mm=float(self.cfg.data_options.point_target_radius_mm),
-                                        dark_threshold=float(self.cfg.data_options.dark_threshold), seed=int(self.cfg.seed))
+            if scan_id not in self._volumes:
+                scan, pre = self.load_scan(scan_id)
+                self._volumes[scan_id] = build_training_volume(
+                    scan, pre, point_radius_mm=float(self.cfg.data_options.point_target_radius_mm),
+                    dark_threshold=float(self.cfg.data_options.dark_threshold), seed=int(self.cfg.seed))
+            vol = self._volumes[scan_id]
             if mimics_dir is not None:
-                path = mimics_dir / f"{scan_id}.csv"
-                cands, _ = read_candidates(path)
-                vol.mimics = np.rint(np.array([c.voxel for c in cands])).astype(int).reshape(-1, 3)
+                cands, _ = read_candidates(mimics_dir / f"{scan_id}.csv")
+                vol = replace(vol, mimics=np.rint(np.array([c.voxel for c in cands])).astype(int).reshape(-1, 3))
             volumes.append(vol)
         return volumes
 

@@ -29,9 +29,9 @@ STRIDE3_OVERLAP = (0.825, 0.825, 0.78125)
 @dataclass
 class Stage1InferenceConfig:
     mode: str = "fast"  # fast | faithful
-    tile: tuple[int, int, int] = (128, 128, 64)  # fast mode tile (sides divisible by the U-Net's pooling)
-    tile_overlap: float = 0.25
-    sw_batch_size: int = 2  # tiles per forward pass (fast); faithful uses 64 windows per pass
+    tile: tuple[int, int, int] = (256, 256, 152)  # fast mode tile (sides divisible by the U-Net pooling)
+    tile_overlap: float = 0.1
+    sw_batch_size: int = 1  # tiles per forward pass (fast); faithful uses 64 windows per pass
     margin: int = 8  # voxels added around the brain's bounding box
     bf16: str = "auto"  # auto | on | off
     progress: bool = True

@@ -1,0 +1,183 @@
+"""Detection on new scans with a trained run: preprocessing, both ensembles, outputs.
+
+Every front door (file, folder) funnels into `Predictor.predict_scan`.
+Outputs per scan (design.md): `<id>_detections.csv`, `<id>_stage1_prob.nii.gz` (input's
+own grid and affine) and `<id>_detections.mrk.json` (3D Slicer markups).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cmb.data.io import from_canonical, is_nifti_name, mm_to_vox, nifti_stem, vox_to_mm
+from cmb.data.preprocess import PreprocessConfig, preprocess_scan
+from cmb.data.readers import build_scan
+from cmb.errors import ConfigError, DataError
+from cmb.inference.candidates import extract_candidates
+from cmb.inference.stage1 import Stage1InferenceConfig, combine_maps, predict_probability
+from cmb.inference.stage2 import score_points
+from cmb.models.checkpoint import load_model
+
+log = logging.getLogger(__name__)
+OUTPUT_SUFFIXES = ("_detections.csv", "_stage1_prob.nii.gz", "_detections.mrk.json")
+
+
+@dataclass
+class ScanDetections:
+    """Detections of one scan on the input file's own voxel grid (0-based) and in RAS mm."""
+
+    scan_id: str
+    voxels: np.ndarray  # (N, 3) float, input grid
+    mm: np.ndarray  # (N, 3)
+    scores: np.ndarray  # (N,) stage-2 ensemble probability
+    stage1_scores: np.ndarray  # (N,) combined stage-1 peak
+    prob_map: np.ndarray  # float32, input grid
+    affine: np.ndarray  # input affine
+    seconds: dict
+
+
+def resolve_members(model_dir: Path, fold: str | int | None) -> tuple[Path, str]:
+    """The fold folder whose members are used: `fold_final` by default, else the fold asked for."""
+    if not model_dir.is_dir():
+        raise DataError(model_dir, "model_dir does not exist")
+    if fold is None:
+        fold = "final" if (model_dir / "fold_final").is_dir() else None
+        if fold is None:
+            folds = sorted(p.name for p in model_dir.glob("fold_*"))
+            raise ConfigError(f"{model_dir}: no fold_final models (protocol.train_final=false?); pass fold=K, one of {folds}")
+    folder = model_dir / f"fold_{fold}"
+    if not folder.is_dir():
+        raise DataError(folder, "no such fold in this run")
+    return folder, str(fold)
+
+
+class Predictor:
+    """Loads a run's U-Nets and CNNs once and detects CMBs on scans."""
+
+    def __init__(self, model_dir: str | Path, fold: str | int | None = None, threshold: float | None = None,
+                 stage1_mode: str | None = None, cache_dir: str | Path | None = None, device: str | None = None,
+                 progress: bool = True) -> None:
+        self.model_dir = Path(model_dir)
+        cfg_path = self.model_dir / "config.yaml"
+        if not cfg_path.is_file():
+            raise DataError(self.model_dir, "not a run folder (no config.yaml)")
+        self.run_cfg: DictConfig = OmegaConf.load(cfg_path)  # type: ignore[assignment]
+        folder, self.fold = resolve_members(self.model_dir, fold)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.unets = [self._load(folder / f"unet_bs{bs}" / "model.pt") for bs in self.run_cfg.model.batch_sizes]
+        self.cnns = [self._load(folder / f"cnn_bs{bs}" / "model.pt") for bs in self.run_cfg.cnn.batch_sizes]
+        self.threshold = self._threshold(threshold)
+        pre = OmegaConf.to_container(self.run_cfg.preprocess, resolve=True)
+        pre.pop("_target_", None)  # type: ignore[union-attr]
+        self.pre_cfg = PreprocessConfig(**pre)  # type: ignore[arg-type]
+        inf = OmegaConf.to_container(self.run_cfg.inference.stage1, resolve=True)
+        self.stage1_cfg = Stage1InferenceConfig(**inf)  # type: ignore[arg-type]
+        if stage1_mode:
+            self.stage1_cfg.mode = stage1_mode
+        self.stage1_cfg.progress = progress
+        self.stage1_threshold = float(self.run_cfg.inference.stage1_threshold)
+        self.cache_dir = cache_dir
+
+    def _load(self, path: Path) -> torch.nn.Module:
+        if not path.is_file():
+            raise DataError(path, "member model missing: is this run finished?")
+        return load_model(path, self.device)[0]
+
+    def _threshold(self, override: float | None) -> float:
+        if override is not None:
+            return float(override)
+        results = self.model_dir / "results.json"
+        if not results.is_file():
+            raise ConfigError(f"{results} not found: no out-of-fold sweep to take the threshold from; pass threshold=X")
+        chosen = json.loads(results.read_text()).get("chosen_operating_point")
+        if not chosen:
+            raise ConfigError(f"{results} has no chosen_operating_point; pass threshold=X")
+        log.info("operating threshold %.2f from the out-of-fold sweep (%s)", chosen["threshold"], chosen.get("rule", ""))
+        return float(chosen["threshold"])
+
+    def predict_scan(self, path: str | Path, scan_id: str | None = None) -> ScanDetections:
+        path = Path(path)
+        scan = build_scan(scan_id or nifti_stem(path), path, has_truth=False)
+        t0 = time.perf_counter()
+        pre = preprocess_scan(scan, self.pre_cfg, self.cache_dir)
+        t1 = time.perf_counter()
+        image, mask = np.asarray(pre.image), np.asarray(pre.mask)
+        maps = [predict_probability(n, image, mask, self.stage1_cfg, self.device) for n in self.unets]
+        prob = combine_maps(maps, str(self.run_cfg.inference.ensemble_normalize))
+        cands = extract_candidates(prob, self.stage1_threshold, scan.affine, scan.scan_id)
+        t2 = time.perf_counter()
+        points = np.array([c.voxel for c in cands]).reshape(-1, 3)
+        scores = score_points(self.cnns, image, points, tta=bool(self.run_cfg.inference.stage2_tta), device=self.device)
+        t3 = time.perf_counter()
+        keep = scores >= self.threshold
+        order = np.argsort(-scores[keep], kind="stable")
+        canon = points[keep][order]
+        mm = vox_to_mm(canon, scan.affine)
+        assert scan.source_affine is not None and scan.to_canonical is not None
+        src_vox = mm_to_vox(mm, scan.source_affine)
+        return ScanDetections(scan.scan_id, src_vox, mm, scores[keep][order], np.array([c.peak for c in cands])[keep][order],
+                              from_canonical(prob, scan.to_canonical), scan.source_affine,
+                              {"preprocess": t1 - t0, "stage1": t2 - t1, "stage2": t3 - t2})
+
+
+def output_paths(out_dir: Path, scan_id: str) -> list[Path]:
+    return [out_dir / f"{scan_id}{s}" for s in OUTPUT_SUFFIXES]
+
+
+def write_outputs(det: ScanDetections, out_dir: Path, overwrite: bool = False) -> list[Path]:
+    """Write the three outputs; all appear together (temporary names, then renamed)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    targets = output_paths(out_dir, det.scan_id)
+    existing = [p for p in targets if p.exists()]
+    if existing and not overwrite:
+        raise DataError(existing[0], "output exists already; pass overwrite=true or choose another output folder")
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{det.scan_id}-", dir=out_dir))
+    try:
+        rows = ["scan_id,i,j,k,x_mm,y_mm,z_mm,score,stage1_score"]
+        for v, m, s, s1 in zip(det.voxels, det.mm, det.scores, det.stage1_scores):
+            rows.append(f"{det.scan_id},{v[0]:.2f},{v[1]:.2f},{v[2]:.2f},{m[0]:.2f},{m[1]:.2f},{m[2]:.2f},{s:.4f},{s1:.4f}")
+        (tmp_dir / targets[0].name).write_text("\n".join(rows) + "\n")
+        nib.save(nib.Nifti1Image(det.prob_map.astype(np.float32), det.affine), tmp_dir / targets[1].name)
+        (tmp_dir / targets[2].name).write_text(json.dumps(slicer_markups(det), indent=1))
+        for t in targets:
+            os.replace(tmp_dir / t.name, t)
+    finally:
+        for leftover in tmp_dir.iterdir():
+            leftover.unlink()
+        tmp_dir.rmdir()
+    return targets
+
+
+def slicer_markups(det: ScanDetections) -> dict:
+    """3D Slicer point list (markups JSON, RAS coordinates) with one control point per detection."""
+    points = [{"id": str(n + 1), "label": f"CMB-{n + 1}", "description": f"score {s:.3f}, stage-1 {s1:.3f}",
+               "associatedNodeID": "", "position": [round(float(x), 3) for x in m], "orientation": [-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0],
+               "selected": True, "locked": False, "visibility": True, "positionStatus": "defined"}
+              for n, (m, s, s1) in enumerate(zip(det.mm, det.scores, det.stage1_scores))]
+    return {"@schema": "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/Schema/markups-schema-v1.0.3.json#",
+            "markups": [{"type": "Fiducial", "coordinateSystem": "RAS", "coordinateUnits": "mm", "locked": False, "labelFormat": "CMB-%d",
+                         "controlPoints": points, "display": {"visibility": True, "color": [1.0, 0.2, 0.2], "glyphScale": 2.0}}]}
+
+
+def list_inputs(path: str | Path) -> list[Path]:
+    """A NIfTI file, or every NIfTI file in a folder (sorted)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and is_nifti_name(p))
+        if not files:
+            raise DataError(path, "no .nii or .nii.gz files in the input folder")
+        return files
+    raise DataError(path, "input does not exist")

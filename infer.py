@@ -1,0 +1,59 @@
+"""Detect CMBs on new scans with a trained run.
+
+    python infer.py model_dir=runs/lotcv input=scan.nii.gz output=detections/
+    python infer.py model_dir=runs/lotcv input=folder_of_niftis/ output=detections/ threshold=0.7
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from cmb.conf_utils import hydra_entry
+from cmb.errors import CMBError, ConfigError
+
+log = logging.getLogger("cmb")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="infer")
+@hydra_entry
+def main(cfg: DictConfig) -> None:
+    from cmb.inference.predictor import Predictor, list_inputs, output_paths, write_outputs
+
+    for key in ("model_dir", "input", "output"):
+        if not cfg.get(key):
+            raise ConfigError(f"{key} is not set: python infer.py model_dir=RUN_DIR input=PATH output=DIR")
+    files = list_inputs(cfg.input)
+    out_dir = Path(cfg.output)
+    if not cfg.overwrite:
+        clashes = [p for f in files for p in output_paths(out_dir, _stem(f)) if p.exists()]
+        if clashes:
+            raise CMBError(f"{clashes[0]}: output exists already; pass overwrite=true or choose another output folder")
+    predictor = Predictor(cfg.model_dir, cfg.fold, cfg.threshold, cfg.stage1_mode, cfg.paths.cache_dir, progress=bool(cfg.progress))
+    failed = []
+    for path in tqdm(files, desc="scans", unit="scan", disable=not cfg.progress):
+        try:
+            det = predictor.predict_scan(path)
+            written = write_outputs(det, out_dir, overwrite=bool(cfg.overwrite))
+            print(f"{det.scan_id}: {len(det.scores)} detections (threshold {predictor.threshold:g}) -> {written[0]}", flush=True)
+        except CMBError as err:
+            failed.append(path)
+            print(f"error: {err} (skipped)", file=sys.stderr, flush=True)
+    if failed:
+        print(f"error: {len(failed)} of {len(files)} scans failed: {', '.join(p.name for p in failed)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _stem(path: Path) -> str:
+    from cmb.data.io import nifti_stem
+
+    return nifti_stem(path)
+
+
+if __name__ == "__main__":
+    main()

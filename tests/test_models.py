@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.losses import DiceCELoss
+
+from cmb import WINDOW
+from cmb.data.patches import PatchDataset, TrainingVolume
+from cmb.models.checkpoint import load_model, save_model
+from cmb.models.discriminator import DouCNN
+from cmb.models.lightning import Stage1Module, Stage2Module
+from cmb.models.unet import UNet3D
+from cmb.errors import DataError
+
+
+def test_unet_shapes_on_window_and_tile() -> None:
+    net = UNet3D(channels=(8, 16, 32)).eval()
+    with torch.no_grad():
+        out = torch.sigmoid(net(torch.randn(2, 1, *WINDOW)))
+        assert out.shape == (2, 1, *WINDOW)
+        assert float(out.min()) >= 0 and float(out.max()) <= 1
+        assert net(torch.randn(1, 1, 64, 48, 32)).shape == (1, 1, 64, 48, 32)
+    with pytest.raises(ValueError, match="must divide by 4"):
+        net(torch.randn(1, 1, 21, 20, 16))
+
+
+def test_dou_cnn_shapes() -> None:
+    net = DouCNN().eval()
+    assert net(torch.randn(3, 1, *WINDOW)).shape == (3, 2)
+
+
+def _blob_volumes(n: int = 2) -> list[TrainingVolume]:
+    rng = np.random.default_rng(0)
+    vols = []
+    for s in range(n):
+        image = (0.5 + 0.03 * rng.standard_normal((48, 48, 32))).astype(np.float32)
+        target = np.zeros(image.shape, np.uint8)
+        centres = np.array([[14, 14, 10], [32, 30, 20]])
+        grid = np.indices(image.shape)
+        for c in centres:
+            ball = ((grid - c[:, None, None, None]) ** 2).sum(0) <= 4
+            image[ball] = 0.1
+            target[ball] = 1
+        brain = np.argwhere(target == 0)[::50]
+        vols.append(TrainingVolume(f"v{s}", image, target, centres, brain, np.zeros((0, 3), int)))
+    return vols
+
+
+def _steps(module, dataset, steps: int, batch: int = 8) -> list[float]:
+    opt = module.configure_optimizers()["optimizer"]
+    losses = []
+    for step in range(steps):
+        items = [dataset[step * batch + i] for i in range(batch)]
+        b = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+        loss = module.training_step(b, step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def test_stage1_training_lowers_loss(monkeypatch) -> None:
+    torch.manual_seed(0)
+    module = Stage1Module(UNet3D(channels=(8, 16, 32)), DiceCELoss(sigmoid=True, batch=True), lambda p: torch.optim.AdamW(p, lr=3e-3), 30)
+    monkeypatch.setattr(module, "log", lambda *a, **k: None)
+    ds = PatchDataset(_blob_volumes(), 30 * 8, {"positive": 0.6, "random": 0.4}, seed=0)
+    losses = _steps(module, ds, 30)
+    assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5])
+
+
+def test_discriminator_training_step_learns(monkeypatch) -> None:
+    torch.manual_seed(0)
+    module = Stage2Module(DouCNN(), lambda p: torch.optim.AdamW(p, lr=1e-3), 25)
+    monkeypatch.setattr(module, "log", lambda *a, **k: None)
+    ds = PatchDataset(_blob_volumes(), 25 * 8, {"positive": 0.5, "random": 0.5}, seed=1)
+    losses = _steps(module, ds, 25)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+class _Arbitrary:
+    pass
+
+
+def test_model_file_roundtrip_is_safe(tmp_path: Path) -> None:
+    net = UNet3D(channels=(4, 8))
+    path = save_model(net, {"channels": [4, 8]}, tmp_path / "model.pt", fold="0")
+    loaded, meta = load_model(path)
+    assert meta["fold"] == "0"
+    x = torch.randn(1, 1, *WINDOW)
+    net.eval()
+    torch.testing.assert_close(loaded(x), net(x))
+    evil = tmp_path / "evil.pt"
+    torch.save({"network": "UNet3D", "obj": _Arbitrary()}, evil)  # a pickled arbitrary object
+    with pytest.raises(DataError, match="cannot load model safely"):
+        load_model(evil)

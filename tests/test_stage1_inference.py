@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from cmb.inference.candidates import extract_candidates, read_candidates, write_candidates
+from cmb.inference.stage1 import STRIDE3_OVERLAP, Stage1InferenceConfig, combine_maps, predict_probability
+from cmb.models.unet import UNet3D
+
+
+class DarkSpotNet(torch.nn.Module):
+    """A fixed, fully convolutional 'detector': high where a 5x5x3 neighbourhood is dark."""
+
+    down_factor = 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        local = torch.nn.functional.avg_pool3d(x, (5, 5, 3), stride=1, padding=(2, 2, 1), count_include_pad=False)
+        return (0.35 - local) * 40.0
+
+
+def _volume_with_cmb():
+    rng = np.random.default_rng(0)
+    image = (0.5 + 0.02 * rng.standard_normal((64, 60, 40))).astype(np.float32)
+    grid = np.indices(image.shape)
+    centre = np.array([30, 25, 18])
+    image[((grid - centre[:, None, None, None]) ** 2).sum(0) <= 5] = 0.1
+    mask = np.zeros(image.shape, bool)
+    mask[6:58, 6:54, 4:36] = True
+    return image, mask, centre
+
+
+def test_stride3_overlap_gives_step_3() -> None:
+    assert [int(r * (1 - o)) for r, o in zip((20, 20, 16), STRIDE3_OVERLAP)] == [3, 3, 3]
+
+
+def test_fast_and_faithful_agree_on_planted_cmb() -> None:
+    image, mask, centre = _volume_with_cmb()
+    net = DarkSpotNet()
+    fast = predict_probability(net, image, mask, Stage1InferenceConfig(mode="fast", tile=(32, 32, 32), bf16="off", progress=False))
+    slow = predict_probability(net, image, mask, Stage1InferenceConfig(mode="faithful", bf16="off", progress=False))
+    assert fast.shape == slow.shape == image.shape
+    assert np.all(fast[~mask] == 0) and 0 <= fast.min() and fast.max() <= 1
+    for prob in (fast, slow):  # both modes find the planted CMB, and only it
+        cands = extract_candidates(prob, 0.5, np.eye(4))
+        assert len(cands) == 1
+        assert np.linalg.norm(cands[0].voxel - centre) < 1.0
+    # Not identical (stride-3 averaging includes each window's edge effects), but close.
+    interior = ndimage.binary_erosion(mask, iterations=3)
+    assert np.corrcoef(fast[interior], slow[interior])[0, 1] > 0.98
+    assert np.mean(np.abs(fast[interior] - slow[interior]) < 0.01) > 0.99
+
+
+def test_fast_mode_runs_a_unet_on_tiles_with_bf16_fallback() -> None:
+    image, mask, _ = _volume_with_cmb()
+    net = UNet3D(channels=(4, 8, 16)).eval()
+    for bf16 in ("off", "auto"):
+        prob = predict_probability(net, image, mask, Stage1InferenceConfig(mode="fast", tile=(32, 32, 32), bf16=bf16, progress=False))
+        assert prob.shape == image.shape and prob.dtype == np.float32
+        assert np.all(prob[~mask] == 0) and 0 <= prob.min() and prob.max() <= 1
+    with pytest.raises(ValueError, match="'fast' or 'faithful'"):
+        predict_probability(net, image, mask, Stage1InferenceConfig(mode="quick", progress=False))
+
+
+def test_combine_maps_mean_and_max() -> None:
+    a = np.array([0.2, 0.4], np.float32)
+    b = np.array([0.1, 0.8], np.float32)
+    np.testing.assert_allclose(combine_maps([a, b]), [0.15, 0.6])
+    np.testing.assert_allclose(combine_maps([a, b], "max"), [(0.5 + 0.125) / 2, 1.0])
+
+
+def test_candidates_from_hand_made_map(tmp_path) -> None:
+    prob = np.zeros((20, 20, 20), np.float32)
+    prob[2:5, 2:5, 2:5] = 0.5
+    prob[3, 3, 3] = 0.9
+    prob[10:12, 15, 15] = 0.3
+    prob[18, 18, 18] = 0.1  # below threshold
+    affine = np.diag([0.5, 0.5, 1.0, 1.0])
+    cands = extract_candidates(prob, 0.2, affine, "s")
+    assert len(cands) == 2
+    first, second = cands
+    assert first.peak == pytest.approx(0.9) and first.size == 27
+    np.testing.assert_allclose(first.voxel, (3, 3, 3), atol=1e-6)
+    assert (first.x_mm, first.y_mm, first.z_mm) == pytest.approx((1.5, 1.5, 3.0))
+    assert second.size == 2 and second.mean == pytest.approx(0.3)
+    np.testing.assert_allclose(second.voxel, (10.5, 15, 15))
+    path = write_candidates(cands, tmp_path / "c.csv", {"hits": ["0", ""]})
+    back, rows = read_candidates(path)
+    assert [r["hits"] for r in rows] == ["0", ""] and back[0].peak == pytest.approx(0.9)
