@@ -38,7 +38,7 @@ def test_stride3_overlap_gives_step_3() -> None:
 def test_fast_and_faithful_agree_on_planted_cmb() -> None:
     image, mask, centre = _volume_with_cmb()
     net = DarkSpotNet()
-    fast = predict_probability(net, image, mask, Stage1InferenceConfig(mode="fast", tile=(32, 32, 32), bf16="off", progress=False))
+    fast = predict_probability(net, image, mask, Stage1InferenceConfig(mode="fast", tile=(32, 32, 32), tile_overlap=0.25, bf16="off", progress=False))
     slow = predict_probability(net, image, mask, Stage1InferenceConfig(mode="faithful", bf16="off", progress=False))
     assert fast.shape == slow.shape == image.shape
     assert np.all(fast[~mask] == 0) and 0 <= fast.min() and fast.max() <= 1

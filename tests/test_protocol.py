@@ -1,0 +1,206 @@
+"""The protocol end to end on a tiny synthetic dataset (2 folds, a handful of steps), and infer.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = ["debug=smoke", "data.preset=tiny", "inference.stage1.tile=[32,32,32]"]
+
+
+def run_cli(args: list[str], cache: Path, timeout: int = 300, script: str = "train.py") -> subprocess.CompletedProcess:
+    env = {**os.environ, "CMB_CACHE": str(cache), "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, script, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory, tiny_synthetic_module: Path) -> Path:
+    runs = tmp_path_factory.mktemp("runs")
+    out = run_cli(["experiment=lotcv", *SMOKE, f"paths.runs_dir={runs}", "name=e2e"], tiny_synthetic_module)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "report:" in out.stdout and "FROC plot:" in out.stdout
+    return runs / "e2e"
+
+
+@pytest.fixture(scope="module")
+def tiny_synthetic_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from cmb.data.synthetic import ensure_synthetic_dataset
+
+    cache = tmp_path_factory.mktemp("cache")
+    ensure_synthetic_dataset("tiny", 0, cache)
+    return cache
+
+
+@pytest.mark.slow
+def test_protocol_writes_a_self_describing_run(finished_run: Path) -> None:
+    run = finished_run
+    for name in ("config.yaml", "metadata.json", "splits.json", "timing.json", "results.json", "report.md", "froc.png", "operating_points.csv"):
+        assert (run / name).is_file(), name
+    splits = json.loads((run / "splits.json").read_text())
+    assert len(splits["folds"]) == 2 and splits["seed"] == 0
+    meta = json.loads((run / "metadata.json").read_text())
+    assert {"torch", "monai", "git_commit", "seed"} <= set(meta)
+    for fold in ("fold_0", "fold_1", "fold_final"):
+        for member in ("unet_bs20", "unet_bs30", "cnn_bs20", "cnn_bs30"):
+            mdir = run / fold / member
+            for name in ("model.pt", "config.yaml", "metadata.json", "metrics.csv", "done.json", "checkpoints/last.ckpt"):
+                assert (mdir / name).is_file(), mdir / name
+        assert sorted(p.stem for p in (run / fold / "mimics").glob("*.csv"))
+    member_meta = json.loads((run / "fold_0" / "unet_bs30" / "metadata.json").read_text())
+    assert member_meta["batch_size"] == 30 and member_meta["heldout_scans"] == splits["folds"][0]["test"]
+    assert not set(member_meta["heldout_scans"]) & set(member_meta["train_scans"])
+    results = json.loads((run / "results.json").read_text())
+    assert results["dataset"] == {"name": "synthetic:tiny", "n_scans": 4, "n_cmbs": results["dataset"]["n_cmbs"]}
+    assert results["protocol"]["n_folds"] == 2 and results["protocol"]["unet_batch_sizes"] == [20, 30]
+    assert set(results["froc"]["sensitivity_at_fp"]) == {"0.125", "0.25", "0.5", "1", "2", "4", "8"}
+    thresholds = [p["threshold"] for p in results["operating_points"]]
+    assert thresholds == sorted(thresholds) and len(thresholds) == 101
+    assert sorted(p["scan_id"] for p in results["per_scan"]) == sorted(splits["scan_ids"])
+    assert results["timing_s"]["train"] > 0
+    assert "Rau et al." in (run / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_eval_cli_recomputes_results(finished_run: Path, tmp_path: Path) -> None:
+    before = json.loads((finished_run / "results.json").read_text())
+    out = subprocess.run([sys.executable, "-m", "cmb.eval", str(finished_run)], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "WANDB_MODE": "offline"})
+    assert out.returncode == 0, out.stderr
+    after = json.loads((finished_run / "results.json").read_text())
+    assert after["operating_points"] == before["operating_points"] and after["froc"] == before["froc"]
+    bad = subprocess.run([sys.executable, "-m", "cmb.eval", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "not a run folder" in bad.stderr
+
+
+@pytest.mark.slow
+def test_rerun_skips_finished_members(finished_run: Path, tiny_synthetic_module: Path) -> None:
+    done = finished_run / "fold_0" / "unet_bs20" / "done.json"
+    stamp = done.stat().st_mtime_ns
+    out = run_cli(["experiment=lotcv", *SMOKE, f"paths.runs_dir={finished_run.parent}", "name=e2e"], tiny_synthetic_module)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert done.stat().st_mtime_ns == stamp
+    assert "already trained, skipping" in out.stdout + out.stderr
+    changed = run_cli(["experiment=lotcv", *SMOKE, f"paths.runs_dir={finished_run.parent}", "name=e2e", "model.max_steps=6"], tiny_synthetic_module)
+    assert changed.returncode == 2 and "trained with other settings" in changed.stderr
+
+
+@pytest.mark.slow
+def test_killed_protocol_resumes(tmp_path: Path, tiny_synthetic_module: Path) -> None:
+    args = ["experiment=lotcv", *SMOKE, f"paths.runs_dir={tmp_path}", "name=killed", "model.max_steps=40", "model.steps_per_epoch=4"]
+    env = {**os.environ, "CMB_CACHE": str(tiny_synthetic_module), "WANDB_MODE": "offline"}
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = tmp_path / "killed" / "fold_0" / "unet_bs20" / "done.json"
+    deadline = time.time() + 240
+    while not first.is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first.is_file(), "the first member never finished"
+    assert not (tmp_path / "killed" / "results.json").exists()
+    stamp = first.stat().st_mtime_ns
+    out = run_cli(args, tiny_synthetic_module)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert first.stat().st_mtime_ns == stamp  # not retrained
+    assert (tmp_path / "killed" / "results.json").is_file()
+
+
+def test_train_rejects_bad_fold_and_unknown_dataset(tmp_path: Path, tiny_synthetic: Path) -> None:
+    out = run_cli(["fold=7", *SMOKE, f"paths.runs_dir={tmp_path}"], tiny_synthetic)
+    assert out.returncode == 2 and "fold=7 is out of range: this dataset has 2 folds (0..1)" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = run_cli(["data=nosuchlayout", f"paths.runs_dir={tmp_path}"], tiny_synthetic)
+    assert out.returncode != 0 and "nosuchlayout" in out.stderr and "Available options" in out.stderr
+    out = run_cli(["data=nifti", f"data.root={tmp_path}/missing", f"paths.runs_dir={tmp_path}"], tiny_synthetic)
+    assert out.returncode == 2 and "missing: data root does not exist" in out.stderr
+
+
+def test_cnn_member_says_what_is_missing(tmp_path: Path, tiny_synthetic: Path) -> None:
+    out = run_cli(["stage=cnn", "fold=1", "batch_size=20", *SMOKE, f"paths.runs_dir={tmp_path}"], tiny_synthetic)
+    assert out.returncode == 2
+    assert "no mined mimics" in out.stderr and "stage=mine fold=1" in out.stderr
+
+
+# ----------------------------------------------------------------------------- infer.py
+
+
+def _lps_scan_with_cmb(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A phantom scan stored LPS (flipped i, j) with its first CMB; returns (CMB voxel in file grid, affine)."""
+    from cmb.data.phantom import PRESETS, PhantomGenerator
+
+    scan = PhantomGenerator(PRESETS["tiny"], seed=5).generate(0)
+    assert scan.info["n_cmbs"] >= 1
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[:2, 3] = np.array(scan.image.shape[:2]) - 1
+    affine = scan.affine @ flip  # same world, array flipped along i and j
+    image = scan.image[::-1, ::-1, :].copy()
+    nib.save(nib.Nifti1Image(image, affine), str(path))
+    cmb = scan.centroids_vox[0].copy()
+    cmb[:2] = np.array(scan.image.shape[:2]) - 1 - cmb[:2]
+    return cmb, affine
+
+
+@pytest.mark.slow
+def test_infer_outputs_map_back_to_the_planted_cmb(finished_run: Path, tmp_path: Path, monkeypatch) -> None:
+    """The smoke-trained networks cannot detect yet, so the stage-1 map and stage-2 scores are
+    replaced by known functions; everything else (preprocessing, reorientation, candidates,
+    output writing) is the real path infer.py uses."""
+    from scipy import ndimage
+
+    from cmb.inference import predictor as pred
+
+    cmb_vox, affine = _lps_scan_with_cmb(tmp_path / "new.nii.gz")
+
+    def dark_spot_map(net, image, mask, cfg=None, device="cpu"):
+        local = ndimage.uniform_filter(image, size=(5, 5, 3))
+        return np.where(mask, 1 / (1 + np.exp((local - 0.3) * 40)), 0).astype(np.float32)
+
+    monkeypatch.setattr(pred, "predict_probability", dark_spot_map)
+    monkeypatch.setattr(pred, "score_points", lambda nets, image, points, **kw: np.linspace(0.99, 0.5, len(points)).astype(np.float32))
+    predictor = pred.Predictor(finished_run, threshold=0.0, cache_dir=tmp_path / "cache", progress=False)
+    det = predictor.predict_scan(tmp_path / "new.nii.gz")
+    written = pred.write_outputs(det, tmp_path / "out")
+    assert [p.name for p in written] == ["new_detections.csv", "new_stage1_prob.nii.gz", "new_detections.mrk.json"]
+    rows = np.genfromtxt(written[0], delimiter=",", names=True, dtype=None, encoding=None)
+    rows = np.atleast_1d(rows)
+    vox = np.stack([rows["i"], rows["j"], rows["k"]], axis=1)
+    nearest = np.argmin(np.linalg.norm((vox - cmb_vox) * [0.45, 0.45, 0.9], axis=1))
+    assert np.linalg.norm((vox[nearest] - cmb_vox) * [0.45, 0.45, 0.9]) < 1.5  # mm, in the file's own grid
+    mm = np.array([rows["x_mm"][nearest], rows["y_mm"][nearest], rows["z_mm"][nearest]])
+    np.testing.assert_allclose(mm, (affine @ np.r_[vox[nearest], 1])[:3], atol=0.02)
+    prob = nib.load(str(written[1]))
+    np.testing.assert_allclose(prob.affine, affine)
+    assert prob.shape == (64, 64, 32)
+    assert np.asanyarray(prob.dataobj)[tuple(np.rint(cmb_vox).astype(int))] > 0.5  # the map is on the input grid
+    markups = json.loads(written[2].read_text())
+    points = markups["markups"][0]["controlPoints"]
+    assert markups["markups"][0]["coordinateSystem"] == "RAS" and len(points) == len(rows)
+    np.testing.assert_allclose(points[nearest]["position"], mm, atol=0.01)
+    with pytest.raises(Exception, match="output exists already"):
+        pred.write_outputs(det, tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_infer_cli_skips_a_bad_file_and_keeps_the_others(finished_run: Path, tmp_path: Path, tiny_synthetic_module: Path) -> None:
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    _lps_scan_with_cmb(inputs / "good.nii.gz")
+    (inputs / "broken.nii.gz").write_bytes(b"not a nifti")
+    out = run_cli([f"model_dir={finished_run}", f"input={inputs}", f"output={tmp_path / 'out'}", "progress=false"],
+                  tiny_synthetic_module, script="infer.py")
+    assert out.returncode == 2
+    assert "broken.nii.gz: cannot read image" in out.stderr and "1 of 2 scans failed" in out.stderr
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["good_detections.csv", "good_detections.mrk.json", "good_stage1_prob.nii.gz"]
+    again = run_cli([f"model_dir={finished_run}", f"input={inputs / 'good.nii.gz'}", f"output={tmp_path / 'out'}"],
+                    tiny_synthetic_module, script="infer.py")
+    assert again.returncode == 2 and "output exists already" in again.stderr
