@@ -78,6 +78,8 @@ class Experiment:
         self.device = "cuda" if cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu"
         self._timing_path = self.run_dir / "timing.json"
         self._volumes: dict[str, TrainingVolume] = {}
+        if not (self.run_dir / "config.yaml").is_file():  # parallel per-fold jobs: evaluation needs the run's settings
+            write_config_and_metadata(self.run_dir, cfg, n_folds=self.n_folds)
 
     # ---------------------------------------------------------------- folds and data
     @property
