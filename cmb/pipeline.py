@@ -122,7 +122,7 @@ class Experiment:
                     scan, pre, point_radius_mm=float(self.cfg.data_options.point_target_radius_mm),
                     dark_threshold=float(self.cfg.data_options.dark_threshold), seed=int(self.cfg.seed))
             vol = self._volumes[scan_id]
-            if mimics_dir is not None:
+            if mimics_dir is not None and (mimics_dir / f"{scan_id}.csv").is_file():
                 cands, _ = read_candidates(mimics_dir / f"{scan_id}.csv")
                 vol = replace(vol, mimics=np.rint(np.array([c.voxel for c in cands])).astype(int).reshape(-1, 3))
             volumes.append(vol)
@@ -162,7 +162,7 @@ class Experiment:
         mimics_dir = None
         if stage == "cnn":
             mimics_dir = self.fold_dir(fold) / "mimics"
-            missing = [s for s in split["train"] if not (mimics_dir / f"{s}.csv").is_file()]
+            missing = [s for s in self.mined_scans(fold) if not (mimics_dir / f"{s}.csv").is_file()]
             if missing:
                 raise MissingPrerequisite(f"{mimics_dir}: no mined mimics for training scan(s) {missing[:4]} of fold {fold}; "
                                           f"run `python train.py stage=mine fold={fold}` first (it needs both U-Nets of the fold)")
@@ -207,7 +207,8 @@ class Experiment:
                    for lg in self.cfg.logger.values()] if self.cfg.get("logger") else []
         ckpt = pl.callbacks.ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0,
                                             every_n_train_steps=int(tcfg.checkpoint_every_n_steps))
-        torch.set_num_threads(int(tcfg.threads)) if tcfg.get("threads") else None
+        if tcfg.get("threads"):
+            torch.set_num_threads(int(tcfg.threads))
         return pl.Trainer(max_steps=max_steps, accelerator=tcfg.accelerator, devices=tcfg.devices, strategy=tcfg.strategy,
                           precision=tcfg.precision, logger=loggers, callbacks=[ckpt], log_every_n_steps=int(tcfg.log_every_n_steps),
                           enable_progress_bar=bool(tcfg.enable_progress_bar), enable_model_summary=False,
@@ -228,13 +229,21 @@ class Experiment:
         maps = [predict_probability(n, np.asarray(pre.image), np.asarray(pre.mask), self.infer_cfg, self.device) for n in nets]
         return combine_maps(maps, str(self.cfg.inference.ensemble_normalize))
 
+    def mined_scans(self, fold: int | str) -> list[str]:
+        """Training scans of the fold that mimics are mined on: all, or a seeded subset of `mining.max_scans`."""
+        train = self.fold_split(fold)["train"]
+        limit = self.cfg.mining.get("max_scans")
+        if limit is None or int(limit) >= len(train):
+            return list(train)
+        order = np.random.default_rng([int(self.cfg.seed), hash_fold(fold)]).permutation(len(train))
+        return sorted(train[i] for i in order[: int(limit)])
+
     def mine(self, fold: int | str) -> Path:
         """Save stage-1 false positives (combined map >= mining threshold) for the fold's training scans."""
         out = self.fold_dir(fold) / "mimics"
-        split = self.fold_split(fold)
         mode = str(self.cfg.mining.mode)
         thr, radius = float(self.cfg.mining.threshold), float(self.cfg.eval.match_radius_mm)
-        todo = [s for s in split["train"] if not (out / f"{s}.csv").is_file()]
+        todo = [s for s in self.mined_scans(fold) if not (out / f"{s}.csv").is_file()]
         if not todo:
             return out
         nets = self.members("unet", fold) if mode == "leak_free" else None

@@ -96,7 +96,8 @@ def test_rerun_skips_finished_members(finished_run: Path, tiny_synthetic_module:
 
 @pytest.mark.slow
 def test_killed_protocol_resumes(tmp_path: Path, tiny_synthetic_module: Path) -> None:
-    args = ["experiment=lotcv", *SMOKE, f"paths.runs_dir={tmp_path}", "name=killed", "model.max_steps=40", "model.steps_per_epoch=4"]
+    args = ["experiment=lotcv", *SMOKE, f"paths.runs_dir={tmp_path}", "name=killed", "model.max_steps=8", "model.steps_per_epoch=4",
+            "protocol.train_final=false"]
     env = {**os.environ, "CMB_CACHE": str(tiny_synthetic_module), "WANDB_MODE": "offline"}
     proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = tmp_path / "killed" / "fold_0" / "unet_bs20" / "done.json"

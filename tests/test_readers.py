@@ -136,3 +136,13 @@ def test_summary_command_missing_root_is_clear(tmp_path: Path) -> None:
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 2
     assert "nope: data root does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_synthetic_cli_writes_nifti_layout_and_refuses_overwrite(tmp_path: Path) -> None:
+    from cmb.data.synthetic import main
+
+    assert main([str(tmp_path / "ph"), "--preset", "tiny", "--n-scans", "2"]) == 0
+    ds = NiftiDataset(tmp_path / "ph")
+    assert ds.scan_ids() == ["synth000", "synth001"]
+    assert nib.load(str(tmp_path / "ph" / "images" / "synth000.nii.gz")).shape == (64, 64, 32)
+    assert main([str(tmp_path / "ph"), "--preset", "tiny"]) == 2  # never overwritten

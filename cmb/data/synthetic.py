@@ -66,3 +66,29 @@ def ensure_synthetic_dataset(preset: str, seed: int, cache_dir: Path, n_scans: i
             raise DataError(root, "incomplete synthetic dataset in the cache (no phantom.json); delete the folder")
         write_synthetic_dataset(root, preset, seed, n_scans=n_scans)
     return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m cmb.data.synthetic OUT_DIR [--preset demo] [--seed 0]`: write the phantom in the nifti layout."""
+    import argparse
+    import sys
+
+    from cmb.errors import CMBError
+
+    parser = argparse.ArgumentParser(prog="python -m cmb.data.synthetic", description=main.__doc__)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-scans", type=int, default=None)
+    args = parser.parse_args(argv)
+    try:
+        out = write_synthetic_dataset(args.out_dir, args.preset, args.seed, n_scans=args.n_scans)
+    except CMBError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"written: {out}/images, {out}/labels, {out}/centroids.csv (open them in any NIfTI viewer)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
