@@ -6,7 +6,7 @@ import torch
 from scipy import ndimage
 
 from cmb.inference.candidates import extract_candidates, read_candidates, write_candidates
-from cmb.inference.stage1 import STRIDE3_OVERLAP, Stage1InferenceConfig, combine_maps, predict_probability
+from cmb.inference.stage1 import STRIDE3_OVERLAP, Stage1InferenceConfig, balanced_tiles, combine_maps, predict_probability
 from cmb.models.unet import UNet3D
 
 
@@ -38,7 +38,8 @@ def test_stride3_overlap_gives_step_3() -> None:
 def test_fast_and_faithful_agree_on_planted_cmb() -> None:
     image, mask, centre = _volume_with_cmb()
     net = DarkSpotNet()
-    fast = predict_probability(net, image, mask, Stage1InferenceConfig(mode="fast", tile=(32, 32, 32), tile_overlap=0.25, bf16="off", progress=False))
+    # tiles smaller than the brain box (68x64x48 with margin) in two axes: blending is exercised
+    fast = predict_probability(net, image, mask, Stage1InferenceConfig(mode="fast", tile=(48, 48, 48), tile_overlap=0.25, bf16="off", progress=False))
     slow = predict_probability(net, image, mask, Stage1InferenceConfig(mode="faithful", bf16="off", progress=False))
     assert fast.shape == slow.shape == image.shape
     assert np.all(fast[~mask] == 0) and 0 <= fast.min() and fast.max() <= 1
@@ -88,3 +89,22 @@ def test_candidates_from_hand_made_map(tmp_path) -> None:
     path = write_candidates(cands, tmp_path / "c.csv", {"hits": ["0", ""]})
     back, rows = read_candidates(path)
     assert [r["hits"] for r in rows] == ["0", ""] and back[0].peak == pytest.approx(0.9)
+
+
+def test_balanced_tiles_cover_the_box_with_fewest_even_tiles() -> None:
+    from monai.data.utils import dense_patch_slices
+    from monai.inferers.utils import _get_scan_interval
+
+    for size in [(470, 400, 140), (512, 512, 150), (100, 90, 40), (487, 230, 157)]:
+        roi, overlap = balanced_tiles(size, (256, 256, 152), 0.1, 4)
+        assert all(r % 4 == 0 for r in roi)
+        windows = dense_patch_slices(size, roi, _get_scan_interval(size, roi, 3, overlap))
+        covered = np.zeros(size, bool)
+        for w in windows:
+            covered[tuple(w)] = True
+        assert covered.all()
+        fixed_roi = tuple(min(t, -(-s // 4) * 4) for s, t in zip(size, (256, 256, 152)))
+        fixed = dense_patch_slices(size, fixed_roi, _get_scan_interval(size, fixed_roi, 3, (0.1, 0.1, 0.1)))
+        assert len(windows) <= len(fixed)
+        assert len(windows) * np.prod(roi) <= len(fixed) * np.prod(fixed_roi)  # never more voxels computed
+    assert balanced_tiles((470, 400, 140), (256, 256, 152), 0.1, 4)[0] == (264, 228, 140)  # not 3x256 along 470

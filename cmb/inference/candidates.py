@@ -42,11 +42,18 @@ def extract_candidates(prob: np.ndarray, threshold: float, affine: np.ndarray, s
     labels, n = ndimage.label(prob >= threshold, structure=CONNECTIVITY_26)
     if n == 0:
         return []
-    ids = np.arange(1, n + 1)
-    centroids = np.array(ndimage.center_of_mass(prob, labels, ids)).reshape(-1, 3)
-    peaks = ndimage.maximum(prob, labels, ids)
-    means = ndimage.mean(prob, labels, ids)
-    sizes = ndimage.sum_labels(np.ones_like(labels), labels, ids)
+    # statistics from the labelled voxels only: ndimage.center_of_mass & co. sweep the whole
+    # volume once per statistic (~15 s on 512x512x150), this is O(candidate voxels)
+    coords = np.nonzero(labels)
+    lab = labels[coords]
+    weight = prob[coords].astype(np.float64)
+    sizes = np.bincount(lab, minlength=n + 1)[1:]
+    mass = np.bincount(lab, weight, minlength=n + 1)[1:]
+    centroids = np.stack([np.bincount(lab, weight * c, minlength=n + 1)[1:] for c in coords], axis=1) / mass[:, None]
+    peaks = np.zeros(n + 1)
+    np.maximum.at(peaks, lab, weight)
+    peaks = peaks[1:]
+    means = mass / sizes
     mm = vox_to_mm(centroids, affine)
     out = [
         Candidate(scan_id, *map(float, c), *map(float, m), float(p), float(me), int(s), float(p))

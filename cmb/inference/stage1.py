@@ -29,7 +29,7 @@ STRIDE3_OVERLAP = (0.825, 0.825, 0.78125)
 @dataclass
 class Stage1InferenceConfig:
     mode: str = "fast"  # fast | faithful
-    tile: tuple[int, int, int] = (256, 256, 152)  # fast mode tile (sides divisible by the U-Net pooling)
+    tile: tuple[int, int, int] = (256, 256, 152)  # fast mode: largest tile (voxels); see balanced_tiles
     tile_overlap: float = 0.1
     sw_batch_size: int = 1  # tiles per forward pass (fast); faithful uses 64 windows per pass
     margin: int = 8  # voxels added around the brain's bounding box
@@ -77,9 +77,27 @@ class _Sigmoid(nn.Module):
         return torch.sigmoid(self.net(x).float())
 
 
-def _fit_tile(tile: tuple[int, int, int], size: tuple[int, ...], multiple: int) -> tuple[int, int, int]:
-    """Tile no larger than needed for the box, rounded up to `multiple`."""
-    return tuple(int(min(t, -(-s // multiple) * multiple)) for t, s in zip(tile, size))  # type: ignore[return-value]
+def balanced_tiles(size: tuple[int, ...], max_tile: tuple[int, int, int], overlap: float,
+                   multiple: int) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """Tile side and overlap fraction per axis so that the fewest tiles cover `size` evenly.
+
+    Fixed-size tiles waste up to a whole tile of compute when a box is a little larger than
+    a multiple of the tile (e.g. 3 tiles of 256 for a 470-voxel side); here the side is split
+    into n equal parts plus the overlap instead (2 tiles of 264). Sides are multiples of
+    `multiple` (the U-Net's pooling factor); units are voxels.
+    """
+    sides, fractions = [], []
+    for s, t in zip(size, max_tile):
+        margin = int(round(t * overlap))
+        if s <= t:
+            sides.append(int(-(-s // multiple) * multiple))
+            fractions.append(0.0)
+            continue
+        n = -(-(s - margin) // (t - margin))
+        side = int(-(-(-(-s // n) + margin) // multiple) * multiple)
+        sides.append(side)
+        fractions.append(margin / side)
+    return tuple(sides), tuple(fractions)  # type: ignore[return-value]
 
 
 @torch.no_grad()
@@ -101,8 +119,8 @@ def predict_probability(net: nn.Module, image: np.ndarray, mask: np.ndarray, cfg
         model, roi, overlap, mode, batch = _Sigmoid(net, False), WINDOW, STRIDE3_OVERLAP, "constant", 64
     elif cfg.mode == "fast":
         multiple = getattr(net, "down_factor", 4)
-        roi = _fit_tile(tuple(cfg.tile), crop.shape[2:], multiple)
-        model, overlap, mode, batch = _Sigmoid(net, device.type == "cpu"), cfg.tile_overlap, "gaussian", cfg.sw_batch_size
+        roi, overlap = balanced_tiles(tuple(crop.shape[2:]), tuple(cfg.tile), cfg.tile_overlap, multiple)  # type: ignore[arg-type]
+        model, mode, batch = _Sigmoid(net, device.type == "cpu"), "gaussian", cfg.sw_batch_size
         if device.type == "cpu":
             net.to(memory_format=torch.channels_last_3d)
     else:
