@@ -23,6 +23,7 @@ log = logging.getLogger("cmb")
 @hydra.main(version_base="1.3", config_path="conf", config_name="infer")
 @hydra_entry
 def main(cfg: DictConfig) -> None:
+    from cmb.data.io import nifti_stem
     from cmb.inference.predictor import Predictor, list_inputs, output_paths, write_outputs
 
     for key in ("model_dir", "input", "output"):
@@ -31,7 +32,7 @@ def main(cfg: DictConfig) -> None:
     files = list_inputs(cfg.input)
     out_dir = Path(cfg.output)
     if not cfg.overwrite:
-        clashes = [p for f in files for p in output_paths(out_dir, _stem(f)) if p.exists()]
+        clashes = [p for f in files for p in output_paths(out_dir, nifti_stem(f)) if p.exists()]
         if clashes:
             raise CMBError(f"{clashes[0]}: output exists already; pass overwrite=true or choose another output folder")
     predictor = Predictor(cfg.model_dir, cfg.fold, cfg.threshold, cfg.stage1_mode, cfg.paths.cache_dir, progress=bool(cfg.progress))
@@ -47,12 +48,6 @@ def main(cfg: DictConfig) -> None:
     if failed:
         print(f"error: {len(failed)} of {len(files)} scans failed: {', '.join(p.name for p in failed)}", file=sys.stderr)
         sys.exit(2)
-
-
-def _stem(path: Path) -> str:
-    from cmb.data.io import nifti_stem
-
-    return nifti_stem(path)
 
 
 if __name__ == "__main__":

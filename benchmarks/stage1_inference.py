@@ -15,6 +15,7 @@ about 1.5 h on 2 cores), and the script prints:
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import sys
 import time
@@ -25,7 +26,7 @@ import torch
 from omegaconf import OmegaConf
 
 from cmb.conf_utils import instantiate_checked
-from cmb.data.preprocess import PreprocessConfig, preprocess_scan
+from cmb.data.preprocess import preprocess_scan
 from cmb.eval.matching import Truth, hit_sets
 from cmb.inference.candidates import extract_candidates
 from cmb.inference.stage1 import Stage1InferenceConfig, predict_probability
@@ -44,16 +45,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     cfg = OmegaConf.load(args.run / "config.yaml")
-    import json
-
     splits = json.loads((args.run / "splits.json").read_text())
     heldout = splits["folds"][int(args.fold)]["test"]
     net, _ = load_model(args.run / f"fold_{args.fold}" / "unet_bs20" / "model.pt")
     dataset = instantiate_checked(cfg.data)
-    pre_kwargs = OmegaConf.to_container(cfg.preprocess, resolve=True)
-    pre_kwargs.pop("_target_", None)  # type: ignore[union-attr]
-    pre_cfg = PreprocessConfig(**pre_kwargs)  # type: ignore[arg-type]
-    fast_cfg = Stage1InferenceConfig(**OmegaConf.to_container(cfg.inference.stage1, resolve=True))  # type: ignore[arg-type]
+    pre_cfg = instantiate_checked(cfg.preprocess)
+    fast_cfg = Stage1InferenceConfig.from_cfg(cfg.inference.stage1)
     fast_cfg.mode, fast_cfg.progress = "fast", False
     slow_cfg = Stage1InferenceConfig(mode="faithful", bf16=fast_cfg.bf16, progress=True)
 
@@ -94,19 +91,16 @@ def main() -> None:
                 truth.instances = remap[sub_instances]
             c_fast = extract_candidates(p_fast, args.threshold, np.eye(4))
             c_slow = extract_candidates(p_slow, args.threshold, np.eye(4))
-            h_fast = {h for hs in hit_sets(np.array([c.voxel for c in c_fast]).reshape(-1, 3), truth) for h in hs}
-            h_slow = {h for hs in hit_sets(np.array([c.voxel for c in c_slow]).reshape(-1, 3), truth) for h in hs}
-            n_cmbs += truth.n_cmbs
-            found_fast, found_slow = found_fast + len(h_fast), found_slow + len(h_slow)
+            pts_fast = np.array([c.voxel for c in c_fast]).reshape(-1, 3)
             pts_slow = np.array([c.voxel for c in c_slow]).reshape(-1, 3)
-            for cf in c_fast:
-                d = np.sqrt((((pts_slow - cf.voxel) * scan.spacing_mm) ** 2).sum(1)) if len(pts_slow) else np.array([np.inf])
-                if d.min() <= 2.5:
-                    both += 1
-                else:
-                    only_fast += 1
-            only_slow += len(c_slow) - sum(
-                1 for cs in c_slow if any(np.sqrt((((cs.voxel - cf.voxel) * scan.spacing_mm) ** 2).sum()) <= 2.5 for cf in c_fast))
+            n_cmbs += truth.n_cmbs
+            found_fast += len({h for hs in hit_sets(pts_fast, truth) for h in hs})
+            found_slow += len({h for hs in hit_sets(pts_slow, truth) for h in hs})
+            # the same candidate in both modes: within 2.5 mm (the matching radius)
+            near = np.linalg.norm((pts_fast[:, None] - pts_slow[None]) * scan.spacing_mm, axis=2) <= 2.5
+            both += int(near.any(axis=1).sum())
+            only_fast += int((~near.any(axis=1)).sum())
+            only_slow += int((~near.any(axis=0)).sum())
             print(f"{scan_id} region {tuple(lo)}+{tuple(args.region)}: fast {len(c_fast)} candidates, faithful {len(c_slow)}", flush=True)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     print(f"\nstage-1 inference, {args.threads} threads, U-Net {args.run}/fold_{args.fold}/unet_bs20, {regions} regions of {tuple(args.region)}")

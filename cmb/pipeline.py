@@ -40,7 +40,7 @@ from cmb.data.splits import make_or_load_splits, select_fold
 from cmb.errors import CMBError, ConfigError
 from cmb.eval.matching import Truth, hit_sets
 from cmb.inference.candidates import Candidate, extract_candidates, read_candidates, write_candidates
-from cmb.inference.stage1 import Stage1InferenceConfig, combine_maps, predict_probability
+from cmb.inference.stage1 import Stage1InferenceConfig, ensemble_probability
 from cmb.inference.stage2 import score_points
 from cmb.models.checkpoint import load_model, save_model
 from cmb.models.lightning import PatchDataModule, Stage1Module, Stage2Module
@@ -74,7 +74,7 @@ class Experiment:
         self.splits = make_or_load_splits(self.run_dir, self.scan_ids, int(cfg.seed), cfg.get("splits_file"))
         self.pre_cfg = instantiate(cfg.preprocess)
         self.cache_dir = Path(cfg.paths.cache_dir)
-        self.infer_cfg = Stage1InferenceConfig(**OmegaConf.to_container(cfg.inference.stage1, resolve=True))  # type: ignore[arg-type]
+        self.infer_cfg = Stage1InferenceConfig.from_cfg(cfg.inference.stage1)
         self.device = "cuda" if cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu"
         self._timing_path = self.run_dir / "timing.json"
         self._volumes: dict[str, TrainingVolume] = {}
@@ -226,8 +226,8 @@ class Experiment:
 
     # ---------------------------------------------------------------- stage 1 use
     def stage1_map(self, nets: list[torch.nn.Module], pre: Preprocessed) -> np.ndarray:
-        maps = [predict_probability(n, np.asarray(pre.image), np.asarray(pre.mask), self.infer_cfg, self.device) for n in nets]
-        return combine_maps(maps, str(self.cfg.inference.ensemble_normalize))
+        return ensemble_probability(nets, np.asarray(pre.image), np.asarray(pre.mask), self.infer_cfg,
+                                    str(self.cfg.inference.ensemble_normalize), self.device)
 
     def mined_scans(self, fold: int | str) -> list[str]:
         """Training scans of the fold that mimics are mined on: all, or a seeded subset of `mining.max_scans`."""

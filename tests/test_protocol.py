@@ -158,6 +158,7 @@ def test_infer_outputs_map_back_to_the_planted_cmb(finished_run: Path, tmp_path:
     from scipy import ndimage
 
     from cmb.inference import predictor as pred
+    from cmb.inference import stage1
 
     cmb_vox, affine = _lps_scan_with_cmb(tmp_path / "new.nii.gz")
 
@@ -165,7 +166,7 @@ def test_infer_outputs_map_back_to_the_planted_cmb(finished_run: Path, tmp_path:
         local = ndimage.uniform_filter(image, size=(5, 5, 3))
         return np.where(mask, 1 / (1 + np.exp((local - 0.3) * 40)), 0).astype(np.float32)
 
-    monkeypatch.setattr(pred, "predict_probability", dark_spot_map)
+    monkeypatch.setattr(stage1, "predict_probability", dark_spot_map)
     monkeypatch.setattr(pred, "score_points", lambda nets, image, points, **kw: np.linspace(0.99, 0.5, len(points)).astype(np.float32))
     predictor = pred.Predictor(finished_run, threshold=0.0, cache_dir=tmp_path / "cache", progress=False)
     det = predictor.predict_scan(tmp_path / "new.nii.gz")

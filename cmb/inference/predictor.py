@@ -18,6 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cmb.data.io import from_canonical, is_nifti_name, mm_to_vox, nifti_stem, vox_to_mm
@@ -25,7 +26,7 @@ from cmb.data.preprocess import PreprocessConfig, preprocess_scan
 from cmb.data.readers import build_scan
 from cmb.errors import ConfigError, DataError
 from cmb.inference.candidates import extract_candidates
-from cmb.inference.stage1 import Stage1InferenceConfig, combine_maps, predict_probability
+from cmb.inference.stage1 import Stage1InferenceConfig, ensemble_probability
 from cmb.inference.stage2 import score_points
 from cmb.models.checkpoint import load_model
 
@@ -78,11 +79,8 @@ class Predictor:
         self.unets = [self._load(folder / f"unet_bs{bs}" / "model.pt") for bs in self.run_cfg.model.batch_sizes]
         self.cnns = [self._load(folder / f"cnn_bs{bs}" / "model.pt") for bs in self.run_cfg.cnn.batch_sizes]
         self.threshold = self._threshold(threshold)
-        pre = OmegaConf.to_container(self.run_cfg.preprocess, resolve=True)
-        pre.pop("_target_", None)  # type: ignore[union-attr]
-        self.pre_cfg = PreprocessConfig(**pre)  # type: ignore[arg-type]
-        inf = OmegaConf.to_container(self.run_cfg.inference.stage1, resolve=True)
-        self.stage1_cfg = Stage1InferenceConfig(**inf)  # type: ignore[arg-type]
+        self.pre_cfg: PreprocessConfig = instantiate(self.run_cfg.preprocess)
+        self.stage1_cfg = Stage1InferenceConfig.from_cfg(self.run_cfg.inference.stage1)
         if stage1_mode:
             self.stage1_cfg.mode = stage1_mode
         self.stage1_cfg.progress = progress
@@ -113,8 +111,7 @@ class Predictor:
         pre = preprocess_scan(scan, self.pre_cfg, self.cache_dir)
         t1 = time.perf_counter()
         image, mask = np.asarray(pre.image), np.asarray(pre.mask)
-        maps = [predict_probability(n, image, mask, self.stage1_cfg, self.device) for n in self.unets]
-        prob = combine_maps(maps, str(self.run_cfg.inference.ensemble_normalize))
+        prob = ensemble_probability(self.unets, image, mask, self.stage1_cfg, str(self.run_cfg.inference.ensemble_normalize), self.device)
         cands = extract_candidates(prob, self.stage1_threshold, scan.affine, scan.scan_id)
         t2 = time.perf_counter()
         points = np.array([c.voxel for c in cands]).reshape(-1, 3)

@@ -36,6 +36,12 @@ class Stage1InferenceConfig:
     bf16: str = "auto"  # auto | on | off
     progress: bool = True
 
+    @classmethod
+    def from_cfg(cls, node) -> "Stage1InferenceConfig":  # noqa: ANN001 (an OmegaConf node: inference.stage1)
+        from omegaconf import OmegaConf
+
+        return cls(**OmegaConf.to_container(node, resolve=True))  # type: ignore[arg-type]
+
 
 def cpu_supports_bf16() -> bool:
     """True where the CPU has native bf16 arithmetic (AVX512-BF16 or AMX)."""
@@ -132,6 +138,12 @@ def predict_probability(net: nn.Module, image: np.ndarray, mask: np.ndarray, cfg
     out[box] = prob[0, 0].float().cpu().numpy()
     out[~np.asarray(mask, dtype=bool)] = 0.0
     return out
+
+
+def ensemble_probability(nets: list[nn.Module], image: np.ndarray, mask: np.ndarray, cfg: Stage1InferenceConfig,
+                         normalize: str = "mean", device: str | torch.device = "cpu") -> np.ndarray:
+    """The stage-1 ensemble's map: each member's map (predict_probability), combined (combine_maps)."""
+    return combine_maps([predict_probability(n, image, mask, cfg, device) for n in nets], normalize)
 
 
 def combine_maps(maps: list[np.ndarray], normalize: str = "mean") -> np.ndarray:
