@@ -120,7 +120,8 @@ class Experiment:
                 scan, pre = self.load_scan(scan_id)
                 self._volumes[scan_id] = build_training_volume(
                     scan, pre, point_radius_mm=float(self.cfg.data_options.point_target_radius_mm),
-                    dark_threshold=float(self.cfg.data_options.dark_threshold), seed=int(self.cfg.seed))
+                    dark_threshold=float(self.cfg.data_options.dark_threshold),
+                    vessel_contrast=float(self.cfg.data_options.vessel_contrast), seed=int(self.cfg.seed))
             vol = self._volumes[scan_id]
             if mimics_dir is not None and (mimics_dir / f"{scan_id}.csv").is_file():
                 cands, _ = read_candidates(mimics_dir / f"{scan_id}.csv")

@@ -83,3 +83,28 @@ def test_splits_file_written_reused_and_checked(tmp_path: Path) -> None:
     user.write_text(json.dumps({"folds": [{"test": ["a"]}, {"test": ["a", "b"]}]}))
     with pytest.raises(DataError, match="more than one fold"):
         make_or_load_splits(tmp_path / "third", ids, seed=0, splits_file=user)
+
+
+def test_vessel_negatives_are_dark_lines_in_bright_tissue_not_dark_nuclei() -> None:
+    from cmb.data.patches import build_training_volume
+    from cmb.data.preprocess import Preprocessed
+    from cmb.data.scan import Scan
+
+    shape = (60, 60, 40)
+    image = np.full(shape, 0.5, np.float32)
+    image[10:22, 10:22, 10:22] = 0.2  # a dark nucleus: dark, but not against its surroundings
+    image[40, 30:55, 20] = 0.15  # a thin vein through bright tissue
+    mask = np.ones(shape, bool)
+    scan = Scan("s", image, np.eye(4), Path("s.nii.gz"), instances=np.zeros(shape, np.int32))
+    vol = build_training_volume(scan, Preprocessed("s", image, mask, {}), dark_threshold=0.3, vessel_contrast=0.15)
+    vessel = {tuple(int(c) for c in v) for v in vol.vessel}
+    vein = {(40, j, 20) for j in range(30, 55)}
+    assert vein <= vessel  # the whole vein
+    interior = {(i, j, k) for i in range(12, 20) for j in range(12, 20) for k in range(12, 20)}
+    assert not vessel & interior  # not the nucleus's interior (only some of its corners and edges)
+    assert len(vol.dark) == 12**3 + 25  # the nucleus and the vein
+    ds = PatchDataset([vol], n_samples=200, mix={"vessel": 1.0}, seed=0)
+    c = np.array(WINDOW) // 2
+    for i in range(0, 200, 10):
+        centre = ds[i]["image"][0].numpy()[c[0] - 1 : c[0] + 2, c[1] - 1 : c[1] + 2, c[2] - 1 : c[2] + 2]
+        assert centre.min() < 0.3  # a vessel voxel at the window centre (+-1 voxel)

@@ -1,5 +1,5 @@
-"""Training patches: CMB-centred positives, random brain negatives, dark (vein-like)
-negatives and mined mimics, each augmented by `cmb.data.augment`.
+"""Training patches: CMB-centred positives, random brain negatives, dark negatives,
+vessel-like negatives (dark against their surroundings) and mined mimics, each augmented by `cmb.data.augment`.
 
 Sampling is a pure function of (seed, epoch, index), so results do not depend on the
 number of data-loader workers.
@@ -27,7 +27,7 @@ class TrainingVolume:
     """What the samplers need of one training scan.
 
     image: normalized float32 (I, J, K); target: uint8 (I, J, K) CMB voxels;
-    cmb_centres: (N, 3) int voxel centres; brain/dark: (M, 3) int candidate negative centres;
+    cmb_centres: (N, 3) int voxel centres; brain/dark/vessel: (M, 3) int candidate negative centres;
     mimics: (P, 3) int centres of mined stage-1 false positives.
     """
 
@@ -38,6 +38,7 @@ class TrainingVolume:
     brain: np.ndarray
     dark: np.ndarray
     mimics: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), dtype=int))
+    vessel: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), dtype=int))
 
 
 def point_target(shape: tuple[int, int, int], centroids: np.ndarray, spacing: tuple[float, float, float], radius_mm: float) -> np.ndarray:
@@ -55,8 +56,14 @@ def point_target(shape: tuple[int, int, int], centroids: np.ndarray, spacing: tu
 
 
 def build_training_volume(scan: Scan, pre: Preprocessed, *, point_radius_mm: float = 1.5, dark_threshold: float = 0.3,
-                          seed: int = 0) -> TrainingVolume:
-    """Assemble targets and negative pools for one preprocessed training scan."""
+                          vessel_contrast: float = 0.15, seed: int = 0) -> TrainingVolume:
+    """Assemble targets and negative pools for one preprocessed training scan.
+
+    dark: in-brain voxels below `dark_threshold` (normalized intensity; mostly iron-rich
+    nuclei, sulci and veins). vessel: dark voxels at least `vessel_contrast` below the mean
+    of their ~4x4x4 mm neighbourhood (9x9x5 voxels): veins crossing bright tissue, the
+    mimic a CMB detector confuses most, which are a small minority of `dark`.
+    """
     image = np.asarray(pre.image)
     mask = np.asarray(pre.mask)
     if scan.instances is not None:
@@ -67,23 +74,26 @@ def build_training_volume(scan: Scan, pre: Preprocessed, *, point_radius_mm: flo
     near_cmb = ndimage.binary_dilation(target > 0, iterations=3)
     rng = np.random.default_rng(seed)
     brain = np.argwhere(mask & ~near_cmb)
-    dark = np.argwhere(mask & ~near_cmb & (image < dark_threshold) & (image > 0))
+    is_dark = mask & ~near_cmb & (image < dark_threshold) & (image > 0)
+    dark = np.argwhere(is_dark)
+    vessel = np.argwhere(is_dark & (image < ndimage.uniform_filter(image, (9, 9, 5)) - vessel_contrast))
     brain = brain[rng.permutation(len(brain))[:MAX_POOL]]
     dark = dark[rng.permutation(len(dark))[:MAX_POOL]]
-    return TrainingVolume(scan.scan_id, image, target, centres, brain, dark)
+    vessel = vessel[rng.permutation(len(vessel))[:MAX_POOL]]
+    return TrainingVolume(scan.scan_id, image, target, centres, brain, dark, vessel=vessel)
 
 
 class PatchDataset(Dataset):
     """Random augmented 20x20x16 windows from training volumes.
 
-    Each item picks a kind by `mix` (weights over "positive", "random", "dark", "mimic";
+    Each item picks a kind by `mix` (weights over "positive", "random", "dark", "vessel", "mimic";
     kinds with nothing to draw from are skipped), a volume and a centre, then augments.
     Returns {"image": (1, 20, 20, 16) float32, "target": (1, 20, 20, 16) float32,
     "label": () float32 (1 for a CMB-centred window)}.
     """
 
-    KINDS = ("positive", "random", "dark", "mimic")
-    POOL_ATTR = {"random": "brain", "dark": "dark"}
+    KINDS = ("positive", "random", "dark", "vessel", "mimic")
+    POOL_ATTR = {"random": "brain", "dark": "dark", "vessel": "vessel"}
 
     def __init__(self, volumes: list[TrainingVolume], n_samples: int, mix: dict[str, float], seed: int = 0,
                  max_shift: int = 1, flip: bool = True, rotate: bool = True, negative_shift: int | None = None) -> None:
