@@ -115,13 +115,15 @@ class Experiment:
     def training_volumes(self, scan_ids: list[str], mimics_dir: Path | None = None) -> list[TrainingVolume]:
         """Targets and negative pools per scan (built once per process), with the fold's mimics attached."""
         volumes = []
+        uses_vessel = any(float(self.stage_cfg(s).sampling.get("vessel", 0.0)) > 0 for s in STAGES)
+        vessel_contrast = float(self.cfg.data_options.vessel_contrast) if uses_vessel else None
         for scan_id in scan_ids:
             if scan_id not in self._volumes:
                 scan, pre = self.load_scan(scan_id)
                 self._volumes[scan_id] = build_training_volume(
                     scan, pre, point_radius_mm=float(self.cfg.data_options.point_target_radius_mm),
                     dark_threshold=float(self.cfg.data_options.dark_threshold),
-                    vessel_contrast=float(self.cfg.data_options.vessel_contrast), seed=int(self.cfg.seed))
+                    vessel_contrast=vessel_contrast, seed=int(self.cfg.seed))
             vol = self._volumes[scan_id]
             if mimics_dir is not None and (mimics_dir / f"{scan_id}.csv").is_file():
                 cands, _ = read_candidates(mimics_dir / f"{scan_id}.csv")

@@ -8,7 +8,9 @@ import pytest
 
 from cmb import WINDOW
 from cmb.data.augment import AugmentParams, augment_region, crop_centred, region_size, sample_params
-from cmb.data.patches import PatchDataset, TrainingVolume
+from cmb.data.patches import PatchDataset, TrainingVolume, build_training_volume
+from cmb.data.preprocess import Preprocessed
+from cmb.data.scan import Scan
 from cmb.data.splits import lotcv_folds, make_or_load_splits, select_fold
 from cmb.errors import ConfigError, DataError
 
@@ -86,10 +88,6 @@ def test_splits_file_written_reused_and_checked(tmp_path: Path) -> None:
 
 
 def test_vessel_negatives_are_dark_lines_in_bright_tissue_not_dark_nuclei() -> None:
-    from cmb.data.patches import build_training_volume
-    from cmb.data.preprocess import Preprocessed
-    from cmb.data.scan import Scan
-
     shape = (60, 60, 40)
     image = np.full(shape, 0.5, np.float32)
     image[10:22, 10:22, 10:22] = 0.2  # a dark nucleus: dark, but not against its surroundings
@@ -103,6 +101,9 @@ def test_vessel_negatives_are_dark_lines_in_bright_tissue_not_dark_nuclei() -> N
     interior = {(i, j, k) for i in range(12, 20) for j in range(12, 20) for k in range(12, 20)}
     assert not vessel & interior  # not the nucleus's interior (only some of its corners and edges)
     assert len(vol.dark) == 12**3 + 25  # the nucleus and the vein
+    without = build_training_volume(scan, Preprocessed("s", image, mask, {}), dark_threshold=0.3, vessel_contrast=None)
+    assert len(without.vessel) == 0
+    np.testing.assert_array_equal(without.dark, vol.dark)  # the same seeded pools either way
     ds = PatchDataset([vol], n_samples=200, mix={"vessel": 1.0}, seed=0)
     c = np.array(WINDOW) // 2
     for i in range(0, 200, 10):

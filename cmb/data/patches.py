@@ -1,5 +1,6 @@
 """Training patches: CMB-centred positives, random brain negatives, dark negatives,
-vessel-like negatives (dark against their surroundings) and mined mimics, each augmented by `cmb.data.augment`.
+vessel-like negatives (dark against their surroundings) and mined mimics, each
+augmented by `cmb.data.augment`.
 
 Sampling is a pure function of (seed, epoch, index), so results do not depend on the
 number of data-loader workers.
@@ -56,13 +57,14 @@ def point_target(shape: tuple[int, int, int], centroids: np.ndarray, spacing: tu
 
 
 def build_training_volume(scan: Scan, pre: Preprocessed, *, point_radius_mm: float = 1.5, dark_threshold: float = 0.3,
-                          vessel_contrast: float = 0.15, seed: int = 0) -> TrainingVolume:
+                          vessel_contrast: float | None = 0.15, seed: int = 0) -> TrainingVolume:
     """Assemble targets and negative pools for one preprocessed training scan.
 
     dark: in-brain voxels below `dark_threshold` (normalized intensity; mostly iron-rich
     nuclei, sulci and veins). vessel: dark voxels at least `vessel_contrast` below the mean
     of their ~4x4x4 mm neighbourhood (9x9x5 voxels): veins crossing bright tissue, the
-    mimic a CMB detector confuses most, which are a small minority of `dark`.
+    mimic a CMB detector confuses most, which are a small minority of `dark`. With
+    `vessel_contrast=None` the vessel pool is left empty (it costs a whole-volume filter).
     """
     image = np.asarray(pre.image)
     mask = np.asarray(pre.mask)
@@ -76,10 +78,12 @@ def build_training_volume(scan: Scan, pre: Preprocessed, *, point_radius_mm: flo
     brain = np.argwhere(mask & ~near_cmb)
     is_dark = mask & ~near_cmb & (image < dark_threshold) & (image > 0)
     dark = np.argwhere(is_dark)
-    vessel = np.argwhere(is_dark & (image < ndimage.uniform_filter(image, (9, 9, 5)) - vessel_contrast))
     brain = brain[rng.permutation(len(brain))[:MAX_POOL]]
     dark = dark[rng.permutation(len(dark))[:MAX_POOL]]
-    vessel = vessel[rng.permutation(len(vessel))[:MAX_POOL]]
+    vessel = np.zeros((0, 3), dtype=int)
+    if vessel_contrast is not None:
+        vessel = np.argwhere(is_dark & (image < ndimage.uniform_filter(image, (9, 9, 5)) - vessel_contrast))
+        vessel = vessel[rng.permutation(len(vessel))[:MAX_POOL]]
     return TrainingVolume(scan.scan_id, image, target, centres, brain, dark, vessel=vessel)
 
 
