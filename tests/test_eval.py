@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cmb.eval.froc import best_threshold, cpm, froc_curve, sensitivity_at, sweep
+from cmb.eval.froc import best_curve_point, best_threshold, cpm, froc_curve, sensitivity_at, sweep
 from cmb.eval.matching import DUPLICATE, FP, Truth, assign, hit_sets
 
 SPACING = (0.5, 0.5, 1.0)
@@ -85,3 +85,13 @@ def test_best_threshold_picks_highest_sensitivity_within_budget() -> None:
     assert best_threshold(points, 4.0)["threshold"] == 0.5
     assert best_threshold(points, 10.0)["threshold"] == 0.1
     assert best_threshold([p for p in points if p["fp_per_scan"] > 5], 4.0) is None
+
+
+def test_best_curve_point_resolves_saturated_scores_within_budget() -> None:
+    # one scan, 3 CMBs; scores crowd near 1 as stage-1 peaks do
+    scores = np.array([0.99995, 0.9999, 0.9998, 0.9990, 0.998, 0.5])
+    status = np.array([0, FP, 1, FP, FP, 2])
+    curve = froc_curve(scores, status, n_cmbs=3, n_scans=1)
+    assert best_curve_point(curve, 1.0) == pytest.approx({"threshold": 0.9998, "sensitivity": 2 / 3, "fp_per_scan": 1.0})
+    assert best_curve_point(curve, 3.0)["sensitivity"] == pytest.approx(1.0)
+    assert best_curve_point(curve, 0.0) == pytest.approx({"threshold": 0.99995, "sensitivity": 1 / 3, "fp_per_scan": 0.0})

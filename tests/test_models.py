@@ -5,7 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra.utils import instantiate
 from monai.losses import DiceCELoss
+from omegaconf import OmegaConf
 
 from cmb import WINDOW
 from cmb.data.patches import PatchDataset, TrainingVolume
@@ -25,6 +27,26 @@ def test_unet_shapes_on_window_and_tile() -> None:
         assert net(torch.randn(1, 1, 64, 48, 32)).shape == (1, 1, 64, 48, 32)
     with pytest.raises(ValueError, match="must divide by 4"):
         net(torch.randn(1, 1, 21, 20, 16))
+
+
+@pytest.mark.parametrize("channels", [(4, 8), (4, 8, 16)])
+def test_unet_receptive_field_matches_the_voxels_an_output_depends_on(channels: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    net = UNet3D(channels=channels).eval()
+    x = torch.rand(1, 1, 64, 64, 64, requires_grad=True)
+    net(x)[0, 0, 32, 32, 32].backward()
+    support = torch.nonzero(x.grad[0, 0].abs() > 0)
+    extent = (support.max(0).values - support.min(0).values + 1).tolist()
+    assert extent == [net.receptive_field] * 3
+
+
+def test_configured_unet_sees_only_the_window_in_plane_at_its_centre() -> None:
+    """Fast whole-scan tiles match window training only if the window's centre sees no padding."""
+    cfg = OmegaConf.load(Path(__file__).parents[1] / "conf" / "model" / "unet.yaml")
+    net = instantiate(cfg.net)
+    half = net.receptive_field // 2
+    assert net.receptive_field <= WINDOW[0] and WINDOW[0] // 2 - half >= 0
+    assert net.receptive_field <= WINDOW[2] + 2  # along k the centre sees at most one padded slice per side
 
 
 def test_dou_cnn_shapes() -> None:

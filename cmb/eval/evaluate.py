@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cmb.data.io import atomic_write_text
 from cmb.errors import DataError
-from cmb.eval.froc import CPM_RATES, FROCCurve, best_threshold, cpm, froc_curve, sensitivity_at, sweep
+from cmb.eval.froc import CPM_RATES, FROCCurve, best_curve_point, best_threshold, cpm, froc_curve, sensitivity_at, sweep
 from cmb.eval.matching import FP, assign
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig | None = None) -> dict[str
     n_scans = sum(len(f["test"]) for f in splits["folds"])
     s1_thr = float(cfg.inference.stage1_threshold)
     target_fp = float(cfg.eval.target_fp_per_scan)
+    stage1_budget = float(cfg.eval.get("stage1_fp_per_scan", 40.0))
 
     s1_scans, s1_scores, s1_status, n_cmbs = collect(run_dir, splits, "stage1", "peak")
     s2_scans, s2_scores, s2_status, _ = collect(run_dir, splits, "oof", "score")
@@ -101,7 +102,8 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig | None = None) -> dict[str
                      "unet_batch_sizes": list(cfg.model.batch_sizes), "cnn_batch_sizes": list(cfg.cnn.batch_sizes),
                      "mining": str(cfg.mining.mode), "seed": splits.get("seed")},
         "stage1": {"threshold": s1_thr, "sensitivity": s1_point["sensitivity"], "fp_per_scan": s1_point["fp_per_scan"],
-                   "tp": s1_point["tp"], "fp": s1_point["fp"], "cpm": cpm1, "sensitivity_at_fp": at1},
+                   "tp": s1_point["tp"], "fp": s1_point["fp"], "cpm": cpm1, "sensitivity_at_fp": at1,
+                   "best_at_budget": {**best_curve_point(s1_curve, stage1_budget), "max_fp_per_scan": stage1_budget}},
         "operating_points": points,
         "chosen_operating_point": {**chosen, "rule": f"highest sensitivity at <= {target_fp:g} FP/scan"},
         "froc": {"cpm": cpm2, "sensitivity_at_fp": at2},
@@ -172,6 +174,9 @@ def _fp(x: float | None) -> str:
 def report_markdown(results: dict, stage1: FROCCurve, two_stage: FROCCurve) -> str:
     d, s1, ch = results["dataset"], results["stage1"], results["chosen_operating_point"]
     ours = [("stage 1 only", s1["threshold"], s1["sensitivity"], s1["fp_per_scan"])]
+    if "best_at_budget" in s1:
+        b = s1["best_at_budget"]
+        ours.append((f"stage 1 only, best at <= {b['max_fp_per_scan']:g} FP/scan", b["threshold"], b["sensitivity"], b["fp_per_scan"]))
     ours.append(("two-stage, chosen", ch["threshold"], ch["sensitivity"], ch["fp_per_scan"]))
     for fp in (4.0, 8.0, 14.5):
         p = best_threshold(results["operating_points"], fp)

@@ -63,6 +63,18 @@ def sensitivity_at(curve: FROCCurve, fp_rate: float) -> float:
     return float(top[left] + frac * (bottom[right] - top[left]))
 
 
+def best_curve_point(curve: FROCCurve, max_fp_per_scan: float) -> dict:
+    """The curve's point with the highest sensitivity at <= max FP/scan (highest threshold on ties).
+
+    Unlike a fixed threshold grid this resolves scores that crowd near 1 (saturated
+    stage-1 peaks). The start point (threshold inf, nothing kept) always qualifies.
+    """
+    ok = np.flatnonzero(curve.fp_per_scan <= max_fp_per_scan)
+    best = ok[np.argmax(curve.sensitivity[ok])]  # argmax takes the first (highest-threshold) maximum
+    return {"threshold": float(curve.thresholds[best]), "sensitivity": float(curve.sensitivity[best]),
+            "fp_per_scan": float(curve.fp_per_scan[best])}
+
+
 def cpm(curve: FROCCurve, rates: tuple[float, ...] = CPM_RATES) -> tuple[float, dict[str, float]]:
     """Competition performance metric: mean sensitivity at 1/8 ... 8 FP/scan."""
     at = {_rate_key(r): sensitivity_at(curve, r) for r in rates}

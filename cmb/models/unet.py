@@ -21,9 +21,11 @@ def conv_block(in_ch: int, out_ch: int) -> nn.Sequential:
 class UNet3D(nn.Module):
     """Batch-normalized 3D U-Net: (N, 1, I, J, K) -> (N, 1, I, J, K) CMB logits.
 
-    `channels` gives the width per level; with the default (16, 32, 64) there are two
-    2x2x2 poolings, which fit the 20x20x16 window (16 -> 8 -> 4 along k). Fully
-    convolutional: any input whose sides divide by 2**(len(channels)-1) works.
+    `channels` gives the width per level; len(channels) - 1 is the number of 2x2x2
+    poolings. Fully convolutional: any input whose sides divide by 2**(len(channels)-1)
+    works. `receptive_field` (voxels per axis) says how far an output voxel looks; keep it
+    near the 20x20x16 training window, or whole-scan tiles show a member context it never
+    saw in training (conf/model/unet.yaml uses one pooling: 18 voxels).
     We write our own because MONAI's BasicUNet fixes four poolings (too deep for a
     16-slice window) and its UNet uses strided residual units rather than the paper's
     plain conv-BN blocks.
@@ -49,6 +51,18 @@ class UNet3D(nn.Module):
             self.decoders.append(conv_block(2 * ch, ch))
             prev = ch
         self.head = nn.Conv3d(prev, out_channels, kernel_size=1)
+
+    @property
+    def receptive_field(self) -> int:
+        """Side of the input cube (voxels) that one output voxel depends on.
+
+        Each 3x3x3 convolution at level l (resolution 1/2**l) widens it by 2 * 2**l, each
+        pooling by 2**l; the transposed convolutions (kernel = stride = 2) add nothing.
+        """
+        levels = len(self.channels)
+        encoder = sum(4 * 2**level for level in range(levels))
+        decoder = sum(4 * 2**level + 2**level for level in range(levels - 1))  # convs + the pooling below
+        return 1 + encoder + decoder
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if any(s % self.down_factor for s in x.shape[2:]):
