@@ -14,7 +14,7 @@ from cmb.data.patches import PatchDataset, TrainingVolume
 from cmb.models.checkpoint import load_model, save_model
 from cmb.models.discriminator import DouCNN
 from cmb.models.lightning import Stage1Module, Stage2Module
-from cmb.models.unet import UNet3D
+from cmb.models.unet import LocalContrast, UNet3D
 from cmb.errors import DataError
 
 
@@ -29,24 +29,44 @@ def test_unet_shapes_on_window_and_tile() -> None:
         net(torch.randn(1, 1, 21, 20, 16))
 
 
-@pytest.mark.parametrize("channels", [(4, 8), (4, 8, 16)])
-def test_unet_receptive_field_matches_the_voxels_an_output_depends_on(channels: tuple[int, ...]) -> None:
+@pytest.mark.parametrize(("channels", "local_contrast"), [((4, 8), None), ((4, 8, 16), None), ((4, 8), (9, 9, 5))])
+def test_unet_receptive_field_matches_the_voxels_an_output_depends_on(channels: tuple[int, ...], local_contrast) -> None:
     torch.manual_seed(0)
-    net = UNet3D(channels=channels).eval()
+    net = UNet3D(channels=channels, local_contrast=local_contrast).eval()
     x = torch.rand(1, 1, 64, 64, 64, requires_grad=True)
     net(x)[0, 0, 32, 32, 32].backward()
     support = torch.nonzero(x.grad[0, 0].abs() > 0)
     extent = (support.max(0).values - support.min(0).values + 1).tolist()
-    assert extent == [net.receptive_field] * 3
+    assert extent == list(net.receptive_field)
+
+
+def test_local_contrast_is_the_same_for_a_dark_dot_on_dark_and_on_bright_tissue() -> None:
+    """The ratio channel ignores the surround's level: a dot at 0.5x its surround reads 0.5-ish on both."""
+    lc = LocalContrast((9, 9, 5))
+    volume = torch.full((1, 1, 40, 40, 16), 0.5)
+    volume[..., 20:, :, :] = 0.2  # an iron-dark "nucleus" filling the upper half along i
+    for centre, level in (((10, 20, 8), 0.5), ((30, 20, 8), 0.2)):
+        i, j, k = centre
+        volume[0, 0, i - 1 : i + 2, j - 1 : j + 2, k - 1 : k + 2] = 0.5 * level
+    out = lc(volume)
+    assert out.shape == (1, 2, 40, 40, 16)
+    torch.testing.assert_close(out[:, :1], volume)
+    bright, dark = out[0, 1, 10, 20, 8], out[0, 1, 30, 20, 8]
+    assert float(bright) < 0.6 and abs(float(bright) - float(dark)) < 1e-4  # the image channel differs 2.5x
+    assert float(out[0, 1, 5, 5, 8]) == pytest.approx(1.0)  # flat tissue away from edges: ratio 1
+    assert float(lc(torch.zeros(1, 1, 20, 20, 16)).abs().max()) == 0.0  # background stays 0
+    with pytest.raises(ValueError, match="odd"):
+        LocalContrast((8, 9, 5))
 
 
 def test_configured_unet_sees_only_the_window_in_plane_at_its_centre() -> None:
     """Fast whole-scan tiles match window training only if the window's centre sees no padding."""
     cfg = OmegaConf.load(Path(__file__).parents[1] / "conf" / "model" / "unet.yaml")
     net = instantiate(cfg.net)
-    half = net.receptive_field // 2
-    assert net.receptive_field <= WINDOW[0] and WINDOW[0] // 2 - half >= 0
-    assert net.receptive_field <= WINDOW[2] + 2  # along k the centre sees at most one padded slice per side
+    conv_field = UNet3D(channels=cfg.net.channels).receptive_field  # the local-contrast box pads nothing
+    assert conv_field[0] <= WINDOW[0] and conv_field[1] <= WINDOW[1]
+    assert conv_field[2] <= WINDOW[2] + 2  # along k the centre sees at most one padded slice per side
+    assert all(f >= c for f, c in zip(net.receptive_field, conv_field))
 
 
 def test_dou_cnn_shapes() -> None:
@@ -108,8 +128,8 @@ class _Arbitrary:
 
 
 def test_model_file_roundtrip_is_safe(tmp_path: Path) -> None:
-    net = UNet3D(channels=(4, 8))
-    path = save_model(net, {"channels": [4, 8]}, tmp_path / "model.pt", fold="0")
+    net = UNet3D(channels=(4, 8), local_contrast=(9, 9, 5))
+    path = save_model(net, {"channels": [4, 8], "local_contrast": (9, 9, 5)}, tmp_path / "model.pt", fold="0")
     loaded, meta = load_model(path)
     assert meta["fold"] == "0"
     x = torch.randn(1, 1, *WINDOW)

@@ -18,6 +18,31 @@ def conv_block(in_ch: int, out_ch: int) -> nn.Sequential:
     )
 
 
+class LocalContrast(nn.Module):
+    """(N, C, I, J, K) -> (N, 2C, I, J, K): the input, and the input over its local mean.
+
+    SWI contrast is relative: a microbleed inside an iron-dark nucleus is as dark against
+    its surround as one in white matter, but the surround is itself dark, so in absolute
+    intensity the pair looks like the nucleus (a negative), not like the microbleeds seen
+    in training. The ratio channel is the same for both. The local mean is a box average
+    over `kernel` voxels (i, j, k) that counts only voxels inside the input (no zero
+    padding), floored at `floor` (normalized intensity) so background (0) stays 0.
+    Written here because it must run inside the network, on windows and tiles alike.
+    """
+
+    def __init__(self, kernel: tuple[int, int, int] | list[int], floor: float = 0.05) -> None:
+        super().__init__()
+        self.kernel = tuple(int(k) for k in kernel)
+        if len(self.kernel) != 3 or any(k < 1 or k % 2 == 0 for k in self.kernel):
+            raise ValueError(f"local-contrast kernel must be three odd positive sides (voxels), got {self.kernel}")
+        self.floor = floor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = nn.functional.avg_pool3d(x, self.kernel, stride=1, padding=tuple(k // 2 for k in self.kernel),
+                                        count_include_pad=False)
+        return torch.cat([x, x / mean.clamp_min(self.floor)], dim=1)
+
+
 class UNet3D(nn.Module):
     """Batch-normalized 3D U-Net: (N, 1, I, J, K) -> (N, 1, I, J, K) CMB logits.
 
@@ -25,21 +50,25 @@ class UNet3D(nn.Module):
     poolings. Fully convolutional: any input whose sides divide by 2**(len(channels)-1)
     works. `receptive_field` (voxels per axis) says how far an output voxel looks; keep it
     near the 20x20x16 training window, or whole-scan tiles show a member context it never
-    saw in training (conf/model/unet.yaml uses one pooling: 18 voxels).
+    saw in training (conf/model/unet.yaml uses one pooling: 18 voxels of convolutions).
+    `local_contrast` (a box side per axis, voxels) adds the input over its local mean as a
+    second channel (`LocalContrast`).
     We write our own because MONAI's BasicUNet fixes four poolings (too deep for a
     16-slice window) and its UNet uses strided residual units rather than the paper's
     plain conv-BN blocks.
     """
 
-    def __init__(self, in_channels: int = 1, out_channels: int = 1, channels: tuple[int, ...] | list[int] = (16, 32, 64)) -> None:
+    def __init__(self, in_channels: int = 1, out_channels: int = 1, channels: tuple[int, ...] | list[int] = (16, 32, 64),
+                 local_contrast: tuple[int, int, int] | list[int] | None = None) -> None:
         super().__init__()
+        self.local_contrast = LocalContrast(local_contrast) if local_contrast else None
         channels = list(channels)
         if len(channels) < 2:
             raise ValueError("UNet3D needs at least two levels")
         self.channels = channels
         self.down_factor = 2 ** (len(channels) - 1)
         self.encoders = nn.ModuleList()
-        prev = in_channels
+        prev = in_channels * (2 if self.local_contrast is not None else 1)
         for ch in channels:
             self.encoders.append(conv_block(prev, ch))
             prev = ch
@@ -53,20 +82,24 @@ class UNet3D(nn.Module):
         self.head = nn.Conv3d(prev, out_channels, kernel_size=1)
 
     @property
-    def receptive_field(self) -> int:
-        """Side of the input cube (voxels) that one output voxel depends on.
+    def receptive_field(self) -> tuple[int, int, int]:
+        """Side of the input box (voxels along i, j, k) that one output voxel depends on.
 
         Each 3x3x3 convolution at level l (resolution 1/2**l) widens it by 2 * 2**l, each
-        pooling by 2**l; the transposed convolutions (kernel = stride = 2) add nothing.
+        pooling by 2**l; the transposed convolutions (kernel = stride = 2) add nothing; the
+        local-contrast box adds its side minus one.
         """
         levels = len(self.channels)
         encoder = sum(4 * 2**level for level in range(levels))
         decoder = sum(4 * 2**level + 2**level for level in range(levels - 1))  # convs + the pooling below
-        return 1 + encoder + decoder
+        kernel = self.local_contrast.kernel if self.local_contrast is not None else (1, 1, 1)
+        return tuple(1 + encoder + decoder + k - 1 for k in kernel)  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if any(s % self.down_factor for s in x.shape[2:]):
             raise ValueError(f"input sides {tuple(x.shape[2:])} must divide by {self.down_factor}")
+        if self.local_contrast is not None:
+            x = self.local_contrast(x)
         skips = []
         for i, enc in enumerate(self.encoders):
             x = enc(x)
