@@ -55,6 +55,9 @@ def test_local_contrast_is_the_same_for_a_dark_dot_on_dark_and_on_bright_tissue(
     assert float(bright) < 0.6 and abs(float(bright) - float(dark)) < 1e-4  # the image channel differs 2.5x
     assert float(out[0, 1, 5, 5, 8]) == pytest.approx(1.0)  # flat tissue away from edges: ratio 1
     assert float(lc(torch.zeros(1, 1, 20, 20, 16)).abs().max()) == 0.0  # background stays 0
+    x = torch.rand(2, 1, 20, 20, 16)  # the separable mean is the in-input 9x9x5 box mean, borders included
+    box = torch.nn.functional.avg_pool3d(x, (9, 9, 5), stride=1, padding=(4, 4, 2), count_include_pad=False)
+    torch.testing.assert_close(lc(x)[:, 1:], x / box.clamp_min(lc.floor))
     with pytest.raises(ValueError, match="odd"):
         LocalContrast((8, 9, 5))
 

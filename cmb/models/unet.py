@@ -38,8 +38,16 @@ class LocalContrast(nn.Module):
         self.floor = floor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = nn.functional.avg_pool3d(x, self.kernel, stride=1, padding=tuple(k // 2 for k in self.kernel),
-                                        count_include_pad=False)
+        # The box is separable: one 1-D average per axis (9 + 9 + 5 taps, not 9 * 9 * 5). Each
+        # divides by the voxels it found inside the input, so the product is the in-input box mean.
+        mean = x
+        for axis, k in enumerate(self.kernel):
+            if k > 1:
+                size = [1, 1, 1]
+                size[axis] = k
+                pad = [0, 0, 0]
+                pad[axis] = k // 2
+                mean = nn.functional.avg_pool3d(mean, tuple(size), stride=1, padding=tuple(pad), count_include_pad=False)
         return torch.cat([x, x / mean.clamp_min(self.floor)], dim=1)
 
 
