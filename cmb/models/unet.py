@@ -42,12 +42,8 @@ class LocalContrast(nn.Module):
         # divides by the voxels it found inside the input, so the product is the in-input box mean.
         mean = x
         for axis, k in enumerate(self.kernel):
-            if k > 1:
-                size = [1, 1, 1]
-                size[axis] = k
-                pad = [0, 0, 0]
-                pad[axis] = k // 2
-                mean = nn.functional.avg_pool3d(mean, tuple(size), stride=1, padding=tuple(pad), count_include_pad=False)
+            size = tuple(k if a == axis else 1 for a in range(3))
+            mean = nn.functional.avg_pool3d(mean, size, stride=1, padding=tuple(s // 2 for s in size), count_include_pad=False)
         return torch.cat([x, x / mean.clamp_min(self.floor)], dim=1)
 
 
@@ -100,8 +96,8 @@ class UNet3D(nn.Module):
         levels = len(self.channels)
         encoder = sum(4 * 2**level for level in range(levels))
         decoder = sum(4 * 2**level + 2**level for level in range(levels - 1))  # convs + the pooling below
-        kernel = self.local_contrast.kernel if self.local_contrast is not None else (1, 1, 1)
-        return tuple(1 + encoder + decoder + k - 1 for k in kernel)  # type: ignore[return-value]
+        box = self.local_contrast.kernel if self.local_contrast is not None else (1, 1, 1)
+        return tuple(encoder + decoder + k for k in box)  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if any(s % self.down_factor for s in x.shape[2:]):
