@@ -4,6 +4,9 @@ Run folder (`paths.run_dir`):
     config.yaml, metadata.json, splits.json, timing.json
     fold_<k>/unet_bs20/ ... : one member each: config.yaml, metadata.json, metrics.csv,
                               model.pt (safe weights), checkpoints/last.ckpt, done.json
+        (U-Nets with model.refine.steps > 0 also: hard_negatives/<scan>.csv, the member's own
+        false positives on its training scans; model_before_refine.pt; refine/ (checkpoints,
+        logs) and refine_metrics.csv of the hard-negative round; model.pt is the refined net)
     fold_<k>/mimics/<scan>.csv       mined stage-1 false positives (training scans of fold k)
     fold_<k>/stage1/<scan>.csv       stage-1 candidates of the held-out scans (out-of-fold)
     fold_<k>/oof/<scan>.csv          those candidates with stage-2 scores and CMB hits
@@ -40,7 +43,7 @@ from cmb.data.splits import make_or_load_splits, select_fold
 from cmb.errors import CMBError, ConfigError
 from cmb.eval.matching import Truth, hit_sets
 from cmb.inference.candidates import Candidate, extract_candidates, read_candidates, write_candidates
-from cmb.inference.stage1 import Stage1InferenceConfig, ensemble_probability
+from cmb.inference.stage1 import Stage1InferenceConfig, ensemble_probability, predict_probability
 from cmb.inference.stage2 import score_points
 from cmb.models.checkpoint import load_model, save_model
 from cmb.models.lightning import PatchDataModule, Stage1Module, Stage2Module
@@ -143,6 +146,10 @@ class Experiment:
                 "batch_size": int(batch_size), "split": self.fold_split(fold)}
         if stage == "cnn":
             keep["mining"] = OmegaConf.to_container(self.cfg.mining, resolve=True)
+        if stage == "unet" and not refine_steps(self.cfg.model):  # runs from before the option stay valid
+            keep["stage"].pop("refine", None)
+        elif stage == "unet":
+            keep["match_radius_mm"] = float(self.cfg.eval.match_radius_mm)
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def is_done(self, stage: str, fold: int | str, batch_size: int) -> bool:
@@ -193,16 +200,54 @@ class Experiment:
             log.info("%s: resuming from %s", out, last)
         trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.is_file() else None)
         net_kwargs.pop("_target_", None)
-        save_model(net, net_kwargs, out / "model.pt", stage=stage, fold=str(fold), batch_size=int(batch_size), train_scans=split["train"])
-        metrics = sorted(out.glob("csv/**/metrics.csv"))
-        if metrics:
-            shutil.copy(metrics[-1], out / "metrics.csv")
+        save = dict(stage=stage, fold=str(fold), batch_size=int(batch_size), train_scans=split["train"])
+        _copy_metrics(out / "csv", out / "metrics.csv")
+        done: dict[str, Any] = {"steps": int(trainer.global_step), "final_loss": _last_metric(out / "metrics.csv", "train/loss")}
+        if stage == "unet" and refine_steps(scfg):
+            save_model(net, net_kwargs, out / "model_before_refine.pt", **save)
+            done["refine"] = self._refine_unet(net, out, fold, int(batch_size), seed)
+        save_model(net, net_kwargs, out / "model.pt", **save)
         seconds = time.perf_counter() - t0
         self.add_time("train", seconds, "n_members_trained")
-        done = {"settings_hash": self.member_settings_hash(stage, fold, batch_size), "steps": int(trainer.global_step),
-                "train_seconds": round(seconds, 2), "final_loss": _last_metric(out / "metrics.csv", "train/loss")}
+        done = {"settings_hash": self.member_settings_hash(stage, fold, batch_size), **done, "train_seconds": round(seconds, 2)}
         atomic_write_text(json.dumps(done, indent=1), out / "done.json")
         return out
+
+    def _refine_unet(self, net: torch.nn.Module, out: Path, fold: int | str, batch_size: int, seed: int) -> dict[str, Any]:
+        """Hard-negative round of a trained U-Net, in place: train `model.refine.steps` more steps with
+        windows at its own false positives on (a seeded subset of) its training scans."""
+        rcfg = self.cfg.model.refine
+        train = self.fold_split(fold)["train"]
+        negatives = out / "hard_negatives"
+        scans = seeded_subset(train, rcfg.get("max_scans"), int(self.cfg.seed), fold)
+        todo = [s for s in scans if not (negatives / f"{s}.csv").is_file()]
+        for scan_id in todo:
+            scan, pre = self.load_scan(scan_id)
+            prob = predict_probability(net, np.asarray(pre.image), np.asarray(pre.mask), self.infer_cfg, self.device)
+            false_pos = self.false_positives(prob, float(rcfg.threshold), scan)
+            write_candidates(false_pos, negatives / f"{scan_id}.csv")
+            log.info("%s: %d hard negatives on %s", out.name, len(false_pos), scan_id)
+        volumes = self.training_volumes(train, negatives)
+        optimizer = instantiate(self.cfg.model.optimizer, lr=float(rcfg.lr))
+        steps = int(rcfg.steps)
+        module = Stage1Module(net, instantiate(self.cfg.model.loss), optimizer, steps)
+        data = PatchDataModule(volumes, batch_size, int(self.cfg.model.steps_per_epoch), dict(rcfg.sampling), seed=seed + 1,
+                               max_shift=int(self.cfg.model.max_shift), negative_shift=self.cfg.model.get("negative_shift"),
+                               num_workers=int(self.cfg.trainer.num_workers))
+        trainer = self._trainer(out / "refine", steps, f"unet_bs{batch_size}_fold{fold}_refine")
+        last = out / "refine" / "checkpoints" / "last.ckpt"
+        net.train()  # Lightning keeps the train/eval mode it finds; this round must train batch norm too
+        trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.is_file() else None)
+        _copy_metrics(out / "refine" / "csv", out / "refine_metrics.csv")
+        n_negatives = sum(len(read_candidates(negatives / f"{s}.csv")[0]) for s in scans)
+        return {"steps": int(trainer.global_step), "hard_negatives": n_negatives, "scans": scans,
+                "final_loss": _last_metric(out / "refine_metrics.csv", "train/loss")}
+
+    def false_positives(self, prob: np.ndarray, threshold: float, scan: Scan) -> list[Candidate]:
+        """Components of `prob >= threshold` that hit no CMB of `scan` (matching rule of design.md)."""
+        cands = extract_candidates(prob, threshold, scan.affine, scan.scan_id)
+        hits = hit_sets(np.array([c.voxel for c in cands]).reshape(-1, 3), scan_truth(scan), float(self.cfg.eval.match_radius_mm))
+        return [c for c, h in zip(cands, hits) if not h]
 
     def _trainer(self, out: Path, max_steps: int, run_name: str) -> pl.Trainer:
         tcfg = self.cfg.trainer
@@ -234,18 +279,13 @@ class Experiment:
 
     def mined_scans(self, fold: int | str) -> list[str]:
         """Training scans of the fold that mimics are mined on: all, or a seeded subset of `mining.max_scans`."""
-        train = self.fold_split(fold)["train"]
-        limit = self.cfg.mining.get("max_scans")
-        if limit is None or int(limit) >= len(train):
-            return list(train)
-        order = np.random.default_rng([int(self.cfg.seed), hash_fold(fold)]).permutation(len(train))
-        return sorted(train[i] for i in order[: int(limit)])
+        return seeded_subset(self.fold_split(fold)["train"], self.cfg.mining.get("max_scans"), int(self.cfg.seed), fold)
 
     def mine(self, fold: int | str) -> Path:
         """Save stage-1 false positives (combined map >= mining threshold) for the fold's training scans."""
         out = self.fold_dir(fold) / "mimics"
         mode = str(self.cfg.mining.mode)
-        thr, radius = float(self.cfg.mining.threshold), float(self.cfg.eval.match_radius_mm)
+        thr = float(self.cfg.mining.threshold)
         todo = [s for s in self.mined_scans(fold) if not (out / f"{s}.csv").is_file()]
         if not todo:
             return out
@@ -253,9 +293,7 @@ class Experiment:
         for scan_id in todo:
             if mode == "leak_free":
                 scan, pre = self.load_scan(scan_id)
-                cands = extract_candidates(self.stage1_map(nets, pre), thr, scan.affine, scan_id)  # type: ignore[arg-type]
-                hits = hit_sets(np.array([c.voxel for c in cands]).reshape(-1, 3), scan_truth(scan), radius)
-                mimics = [c for c, h in zip(cands, hits) if not h]
+                mimics = self.false_positives(self.stage1_map(nets, pre), thr, scan)  # type: ignore[arg-type]
             elif mode == "paper":
                 source = self.heldout_fold_of(scan_id)
                 path = self.fold_dir(source) / "stage1" / f"{scan_id}.csv"
@@ -356,6 +394,26 @@ class Experiment:
 
 def hash_fold(fold: int | str) -> int:
     return 99 if fold == FINAL else int(fold)
+
+
+def seeded_subset(scans: list[str], limit: int | None, seed: int, fold: int | str) -> list[str]:
+    """All `scans`, or `limit` of them drawn by (seed, fold), sorted."""
+    if limit is None or int(limit) >= len(scans):
+        return list(scans)
+    order = np.random.default_rng([seed, hash_fold(fold)]).permutation(len(scans))
+    return sorted(scans[i] for i in order[: int(limit)])
+
+
+def refine_steps(stage_cfg: DictConfig) -> int:
+    """Steps of the U-Net's hard-negative round (model.refine.steps; 0 or absent: none)."""
+    refine = stage_cfg.get("refine")
+    return int(refine.steps) if refine is not None and refine.get("steps") else 0
+
+
+def _copy_metrics(log_dir: Path, dest: Path) -> None:
+    metrics = sorted(log_dir.glob("**/metrics.csv"))
+    if metrics:
+        shutil.copy(metrics[-1], dest)
 
 
 def _last_metric(path: Path, name: str) -> float | None:

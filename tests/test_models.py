@@ -35,7 +35,8 @@ def test_unet_receptive_field_matches_the_voxels_an_output_depends_on(channels: 
     net = UNet3D(channels=channels, local_contrast=local_contrast).eval()
     x = torch.rand(1, 1, 64, 64, 64, requires_grad=True)
     net(x)[0, 0, 32, 32, 32].backward()
-    support = torch.nonzero(x.grad[0, 0].abs() > 0)
+    grad = x.grad[0, 0].abs()
+    support = torch.nonzero(grad > 1e-6 * grad.max())  # cumulative-sum box means leave rounding-level (<1e-9) leaks beyond the box
     extent = (support.max(0).values - support.min(0).values + 1).tolist()
     assert extent == list(net.receptive_field)
 

@@ -59,6 +59,13 @@ def test_protocol_writes_a_self_describing_run(finished_run: Path) -> None:
     member_meta = json.loads((run / "fold_0" / "unet_bs30" / "metadata.json").read_text())
     assert member_meta["batch_size"] == 30 and member_meta["heldout_scans"] == splits["folds"][0]["test"]
     assert not set(member_meta["heldout_scans"]) & set(member_meta["train_scans"])
+    for fold in ("fold_0", "fold_1"):  # the U-Nets' hard-negative round (on by default): own training scans only
+        for member in ("unet_bs20", "unet_bs30"):
+            mdir = run / fold / member
+            assert (mdir / "model_before_refine.pt").is_file() and (mdir / "refine_metrics.csv").is_file()
+            negatives = {p.stem for p in (mdir / "hard_negatives").glob("*.csv")}
+            assert negatives and negatives <= set(json.loads((mdir / "metadata.json").read_text())["train_scans"])
+            assert json.loads((mdir / "done.json").read_text())["refine"]["steps"] == 2
     results = json.loads((run / "results.json").read_text())
     assert results["dataset"] == {"name": "synthetic:tiny", "n_scans": 4, "n_cmbs": results["dataset"]["n_cmbs"]}
     assert results["protocol"]["n_folds"] == 2 and results["protocol"]["unet_batch_sizes"] == [20, 30]
@@ -206,3 +213,70 @@ def test_infer_cli_skips_a_bad_file_and_keeps_the_others(finished_run: Path, tmp
     again = run_cli([f"model_dir={finished_run}", f"input={inputs / 'good.nii.gz'}", f"output={tmp_path / 'out'}"],
                     tiny_synthetic_module, script="infer.py")
     assert again.returncode == 2 and "output exists already" in again.stderr
+
+
+# ----------------------------------------------------------------------------- stage-1 hard-negative round
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+@pytest.mark.slow
+def test_refine_round_learns_from_its_own_false_positives_on_training_scans_only(tmp_path: Path, tiny_synthetic: Path) -> None:
+    from cmb.inference.candidates import read_candidates
+    from cmb.inference.stage1 import predict_probability
+    from cmb.models.checkpoint import load_model
+    from cmb.pipeline import Experiment
+
+    mimic_only = [f"model.refine.sampling.{k}={1.0 if k == 'mimic' else 0.0}" for k in ("positive", "random", "dark", "vessel", "mimic")]
+    cfg = _compose([*SMOKE, f"paths.cache_dir={tiny_synthetic}", f"paths.runs_dir={tmp_path}", "name=refine", "logger=csv",
+                    "model.max_steps=40", "model.steps_per_epoch=10", "model.refine.steps=40", "model.refine.threshold=0.2", "model.refine.lr=0.003",
+                    "model.refine.max_scans=null", *mimic_only])
+    exp = Experiment(cfg)
+    member = exp.train_member("unet", 0, 20)
+    split = exp.fold_split(0)
+    files = sorted(p.stem for p in (member / "hard_negatives").glob("*.csv"))
+    assert files == sorted(split["train"])  # every training scan (max_scans=null), never a held-out one
+    done = json.loads((member / "done.json").read_text())
+    assert done["refine"]["steps"] == 40 and done["refine"]["hard_negatives"] > 0
+    assert (member / "refine_metrics.csv").is_file()
+
+    before, _ = load_model(member / "model_before_refine.pt")
+    after, _ = load_model(member / "model.pt")
+    scores_before, scores_after = [], []
+    for scan_id in split["train"]:
+        negatives, _ = read_candidates(member / "hard_negatives" / f"{scan_id}.csv")
+        if not negatives:
+            continue
+        scan, pre = exp.load_scan(scan_id)
+        centres = tuple(np.rint(np.array([c.voxel for c in negatives])).astype(int).T)
+        for net, scores in ((before, scores_before), (after, scores_after)):
+            scores.extend(predict_probability(net, np.asarray(pre.image), np.asarray(pre.mask), exp.infer_cfg)[centres])
+        # a hard negative is a false positive: no CMB of the scan within the matching radius
+        for c in negatives:
+            assert np.min(np.linalg.norm((scan.centroids_vox - c.voxel) * scan.spacing_mm, axis=1)) > cfg.eval.match_radius_mm
+    assert min(scores_before) >= 0.2 - 1e-6
+    # 40 steps on windows at those false positives only lower the member's score there
+    assert np.mean(scores_after) < np.mean(scores_before) - 0.03
+    assert not np.allclose([float(v) for v in before.state_dict().values() if v.is_floating_point() for v in [v.sum()]],
+                           [float(v) for v in after.state_dict().values() if v.is_floating_point() for v in [v.sum()]])
+
+
+def test_refine_off_keeps_the_settings_hash_of_runs_from_before_the_option(tmp_path: Path, tiny_synthetic: Path) -> None:
+    from omegaconf import open_dict
+
+    from cmb.pipeline import Experiment
+
+    cfg = _compose([*SMOKE, f"paths.cache_dir={tiny_synthetic}", f"paths.runs_dir={tmp_path}", "name=hash", "model.refine.steps=0"])
+    exp = Experiment(cfg)
+    with_key = exp.member_settings_hash("unet", 0, 20)
+    with open_dict(cfg):
+        del cfg.model["refine"]
+    assert exp.member_settings_hash("unet", 0, 20) == with_key
+    with open_dict(cfg):
+        cfg.model.refine = {"steps": 5, "threshold": 0.3, "max_scans": 2, "lr": 0.001, "sampling": {"mimic": 1.0}}
+    assert exp.member_settings_hash("unet", 0, 20) != with_key

@@ -6,7 +6,7 @@ import torch
 from scipy import ndimage
 
 from cmb.inference.candidates import extract_candidates, read_candidates, write_candidates
-from cmb.inference.stage1 import STRIDE3_OVERLAP, Stage1InferenceConfig, balanced_tiles, combine_maps, predict_probability
+from cmb.inference.stage1 import STRIDE3_OVERLAP, Stage1InferenceConfig, balanced_tiles, combine_maps, inference_net, predict_probability
 from cmb.models.unet import UNet3D
 
 
@@ -108,3 +108,39 @@ def test_balanced_tiles_cover_the_box_with_fewest_even_tiles() -> None:
         assert len(windows) <= len(fixed)
         assert len(windows) * np.prod(roi) <= len(fixed) * np.prod(fixed_roi)  # never more voxels computed
     assert balanced_tiles((470, 400, 140), (256, 256, 152), 0.1, 4)[0] == (264, 228, 140)  # not 3x256 along 470
+
+
+def test_inference_copy_folds_batch_norm_without_changing_the_net_or_its_output() -> None:
+    torch.manual_seed(0)
+    net = UNet3D(channels=(4, 8), local_contrast=(3, 3, 3))
+    for bn in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm3d)):  # trained-looking statistics
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.2, 0.2)
+    x = torch.rand(2, 1, 20, 20, 16)
+    with torch.no_grad():
+        expected = net.eval()(x)
+        net.train()
+        folded = inference_net(net)
+        assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in folded.modules())
+        torch.testing.assert_close(folded(x), expected, atol=1e-5, rtol=1e-5)
+        half = inference_net(net, torch.bfloat16)
+        assert half.head.weight.dtype == torch.bfloat16
+        assert torch.corrcoef(torch.stack([half(x).float().flatten(), expected.flatten()]))[0, 1] > 0.99
+    # the caller's network is untouched: still training, float32, with its batch norms
+    assert net.training and net.head.weight.dtype == torch.float32
+    assert sum(isinstance(m, torch.nn.BatchNorm3d) for m in net.modules()) == 6
+
+
+def test_brain_bbox_from_projections_and_prepared_copies_are_reused() -> None:
+    from cmb.inference.stage1 import brain_bbox
+
+    mask = np.zeros((30, 20, 10), bool)
+    mask[5:9, 2:3, 7:10] = True
+    assert brain_bbox(mask, 2) == (slice(3, 11), slice(0, 5), slice(5, 10))
+    assert brain_bbox(np.zeros_like(mask), 2) == (slice(0, 30), slice(0, 20), slice(0, 10))
+    net = UNet3D(channels=(4, 8))
+    prepared = inference_net(net, torch.float32, True)
+    assert inference_net(prepared, torch.float32, True) is prepared
+    assert inference_net(prepared, torch.bfloat16, True) is not prepared

@@ -3,13 +3,15 @@
 - `faithful`: the paper's procedure, 20x20x16 windows at stride 3 on every axis over
   the brain's bounding box, overlapping predictions averaged (MONAI sliding window).
 - `fast` (default): the same network run fully convolutionally on large overlapping
-  tiles of the brain's bounding box, Gaussian-blended, batched; bf16 autocast and
-  channels-last where the processor supports them.
+  tiles of the brain's bounding box, Gaussian-blended, batched; channels-last on CPU.
+
+Both run the same prediction copy of the network (`inference_net`: batch norm folded
+into the convolutions; bf16 weights where the processor supports bf16).
 """
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import logging
 from dataclasses import dataclass
 
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from cmb import WINDOW
 
@@ -64,12 +67,14 @@ def _use_bf16(setting: str, device: torch.device) -> bool:
 
 def brain_bbox(mask: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
     """Bounding box of the mask (+ margin voxels), clipped to the volume."""
-    idx = np.argwhere(mask)
-    if len(idx) == 0:
-        return tuple(slice(0, s) for s in mask.shape)  # type: ignore[return-value]
-    lo = np.maximum(idx.min(0) - margin, 0)
-    hi = np.minimum(idx.max(0) + 1 + margin, mask.shape)
-    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))  # type: ignore[return-value]
+    mask = np.asarray(mask, dtype=bool)
+    box = []
+    for axis in range(3):  # one projection per axis: no list of every brain voxel (~10 M on a 512x512x150 scan)
+        along = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        if len(along) == 0:
+            return tuple(slice(0, s) for s in mask.shape)  # type: ignore[return-value]
+        box.append(slice(max(int(along[0]) - margin, 0), min(int(along[-1]) + 1 + margin, mask.shape[axis])))
+    return tuple(box)  # type: ignore[return-value]
 
 
 class _Sigmoid(nn.Module):
@@ -81,6 +86,36 @@ class _Sigmoid(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         return torch.sigmoid(self.net(x).float())
+
+
+def inference_net(net: nn.Module, dtype: torch.dtype = torch.float32, channels_last: bool = False) -> nn.Module:
+    """An eval-mode copy of `net` for prediction (the caller's net is left as it is).
+
+    Each Conv3d followed by a BatchNorm3d in an nn.Sequential becomes one convolution
+    (torch's fuse_conv_bn_eval: the same function, one pass fewer over every feature map);
+    weights are cast to `dtype` once instead of at every call as autocast would. Networks
+    cast their input to their weights' dtype after any parameter-free input layer (UNet3D).
+    A copy made with the same settings is returned as it is, so callers that predict many
+    scans or regions with one net can prepare it once.
+    """
+    key = (dtype, channels_last)
+    if getattr(net, "inference_copy", None) == key:
+        return net
+    net = copy.deepcopy(net).eval()
+    for block in net.modules():
+        if isinstance(block, nn.Sequential):
+            for i in range(len(block) - 1):
+                if isinstance(block[i], nn.Conv3d) and isinstance(block[i + 1], nn.BatchNorm3d):
+                    block[i], block[i + 1] = fuse_conv_bn_eval(block[i], block[i + 1]), nn.Identity()
+    net = net.to(dtype)
+    net.inference_copy = key
+    return net.to(memory_format=torch.channels_last_3d) if channels_last else net
+
+
+def inference_settings(cfg: Stage1InferenceConfig, device: torch.device) -> tuple[torch.dtype, bool]:
+    """(weights dtype, channels-last) of the prediction copy that `predict_probability` runs for `cfg`."""
+    dtype = torch.bfloat16 if _use_bf16(cfg.bf16, device) else torch.float32
+    return dtype, cfg.mode == "fast" and device.type == "cpu"
 
 
 def balanced_tiles(size: tuple[int, ...], max_tile: tuple[int, int, int], overlap: float,
@@ -116,24 +151,20 @@ def predict_probability(net: nn.Module, image: np.ndarray, mask: np.ndarray, cfg
     """
     cfg = cfg or Stage1InferenceConfig()
     device = torch.device(device)
-    net = net.to(device).eval()
     box = brain_bbox(mask, cfg.margin)
     crop = torch.from_numpy(np.array(image[box], dtype=np.float32))[None, None].to(device)
-    bf16 = _use_bf16(cfg.bf16, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     if cfg.mode == "faithful":
-        model, roi, overlap, mode, batch = _Sigmoid(net, False), WINDOW, STRIDE3_OVERLAP, "constant", 64
+        roi, overlap, mode, batch = WINDOW, STRIDE3_OVERLAP, "constant", 64
     elif cfg.mode == "fast":
         multiple = getattr(net, "down_factor", 4)
         roi, overlap = balanced_tiles(tuple(crop.shape[2:]), tuple(cfg.tile), cfg.tile_overlap, multiple)  # type: ignore[arg-type]
-        model, mode, batch = _Sigmoid(net, device.type == "cpu"), "gaussian", cfg.sw_batch_size
-        if device.type == "cpu":
-            net.to(memory_format=torch.channels_last_3d)
+        mode, batch = "gaussian", cfg.sw_batch_size
     else:
         raise ValueError(f"stage-1 inference mode must be 'fast' or 'faithful', got {cfg.mode!r}")
-    with autocast:
-        prob = sliding_window_inference(crop, roi, batch, model, overlap=overlap, mode=mode, progress=cfg.progress,
-                                        padding_mode="constant", cval=0.0)
+    dtype, channels_last = inference_settings(cfg, device)
+    model = _Sigmoid(inference_net(net, dtype, channels_last).to(device), channels_last)
+    prob = sliding_window_inference(crop, roi, batch, model, overlap=overlap, mode=mode, progress=cfg.progress,
+                                    padding_mode="constant", cval=0.0)
     out = np.zeros(image.shape, dtype=np.float32)
     out[box] = prob[0, 0].float().cpu().numpy()
     out[~np.asarray(mask, dtype=bool)] = 0.0

@@ -38,13 +38,28 @@ class LocalContrast(nn.Module):
         self.floor = floor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The box is separable: one 1-D average per axis (9 + 9 + 5 taps, not 9 * 9 * 5). Each
-        # divides by the voxels it found inside the input, so the product is the in-input box mean.
+        # The box is separable: one 1-D mean per axis, each over the voxels it finds inside the
+        # input, so the product is the in-input box mean.
         mean = x
         for axis, k in enumerate(self.kernel):
-            size = tuple(k if a == axis else 1 for a in range(3))
-            mean = nn.functional.avg_pool3d(mean, size, stride=1, padding=tuple(s // 2 for s in size), count_include_pad=False)
+            mean = box_mean_1d(mean, 2 + axis, k)
         return torch.cat([x, x / mean.clamp_min(self.floor)], dim=1)
+
+
+def box_mean_1d(x: torch.Tensor, dim: int, k: int) -> torch.Tensor:
+    """Mean of `x` over a centred window of `k` (odd) voxels along `dim`, counting only voxels inside `x`.
+
+    Cumulative sums, because avg_pool3d's count_include_pad=False path is ~6x slower on a CPU
+    (96x96x64 voxels, 9x9x5 box: 18.7 ms against 2.9 ms) and same values to ~1e-6.
+    """
+    n, r = x.shape[dim], k // 2
+    sums = nn.functional.pad(x, [0, 0] * (x.dim() - 1 - dim) + [r + 1, r]).cumsum(dim)  # pad lists the last dim first
+    window = sums.narrow(dim, k, n) - sums.narrow(dim, 0, n)
+    index = torch.arange(n, device=x.device)
+    count = (index + r).clamp(max=n - 1) - (index - r).clamp(min=0) + 1
+    shape = [1] * x.dim()
+    shape[dim] = n
+    return window / count.to(x.dtype).view(shape)
 
 
 class UNet3D(nn.Module):
@@ -103,7 +118,8 @@ class UNet3D(nn.Module):
         if any(s % self.down_factor for s in x.shape[2:]):
             raise ValueError(f"input sides {tuple(x.shape[2:])} must divide by {self.down_factor}")
         if self.local_contrast is not None:
-            x = self.local_contrast(x)
+            x = self.local_contrast(x)  # in the input's precision: a ratio of intensities
+        x = x.to(self.head.weight.dtype)  # a bf16 prediction copy (cmb.inference.stage1.inference_net) takes fp32 scans
         skips = []
         for i, enc in enumerate(self.encoders):
             x = enc(x)
