@@ -189,19 +189,13 @@ class Experiment:
             module: pl.LightningModule = Stage1Module(net, instantiate(scfg.loss), optimizer, max_steps)
         else:
             module = Stage2Module(net, optimizer, max_steps, label_smoothing=float(scfg.get("label_smoothing", 0.0)))
-        data = PatchDataModule(volumes, int(batch_size), int(scfg.steps_per_epoch), dict(scfg.sampling), seed=seed,
-                               max_shift=int(scfg.max_shift), negative_shift=scfg.get("negative_shift"), num_workers=int(self.cfg.trainer.num_workers))
         out.mkdir(parents=True, exist_ok=True)
         write_config_and_metadata(out, self.cfg, stage=stage, fold=str(fold), batch_size=int(batch_size), train_scans=split["train"],
                                   heldout_scans=split["test"], training_seed=seed)
-        trainer = self._trainer(out, max_steps, f"{stage}_bs{batch_size}_fold{fold}")
-        last = out / "checkpoints" / "last.ckpt"
-        if last.is_file():
-            log.info("%s: resuming from %s", out, last)
-        trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.is_file() else None)
+        trainer = self._fit(module, scfg, volumes, int(batch_size), dict(scfg.sampling), seed, out, max_steps,
+                            f"{stage}_bs{batch_size}_fold{fold}", out / "metrics.csv")
         net_kwargs.pop("_target_", None)
         save = dict(stage=stage, fold=str(fold), batch_size=int(batch_size), train_scans=split["train"])
-        _copy_metrics(out / "csv", out / "metrics.csv")
         done: dict[str, Any] = {"steps": int(trainer.global_step), "final_loss": _last_metric(out / "metrics.csv", "train/loss")}
         if stage == "unet" and refine_steps(scfg):
             save_model(net, net_kwargs, out / "model_before_refine.pt", **save)
@@ -231,14 +225,9 @@ class Experiment:
         optimizer = instantiate(self.cfg.model.optimizer, lr=float(rcfg.lr))
         steps = int(rcfg.steps)
         module = Stage1Module(net, instantiate(self.cfg.model.loss), optimizer, steps)
-        data = PatchDataModule(volumes, batch_size, int(self.cfg.model.steps_per_epoch), dict(rcfg.sampling), seed=seed + 1,
-                               max_shift=int(self.cfg.model.max_shift), negative_shift=self.cfg.model.get("negative_shift"),
-                               num_workers=int(self.cfg.trainer.num_workers))
-        trainer = self._trainer(out / "refine", steps, f"unet_bs{batch_size}_fold{fold}_refine")
-        last = out / "refine" / "checkpoints" / "last.ckpt"
         net.train()  # Lightning keeps the train/eval mode it finds; this round must train batch norm too
-        trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.is_file() else None)
-        _copy_metrics(out / "refine" / "csv", out / "refine_metrics.csv")
+        trainer = self._fit(module, self.cfg.model, volumes, batch_size, dict(rcfg.sampling), seed + 1, out / "refine", steps,
+                            f"unet_bs{batch_size}_fold{fold}_refine", out / "refine_metrics.csv")
         n_negatives = sum(len(read_candidates(negatives / f"{s}.csv")[0]) for s in scans)
         return {"steps": int(trainer.global_step), "hard_negatives": n_negatives, "scans": scans,
                 "final_loss": _last_metric(out / "refine_metrics.csv", "train/loss")}
@@ -248,6 +237,20 @@ class Experiment:
         cands = extract_candidates(prob, threshold, scan.affine, scan.scan_id)
         hits = hit_sets(np.array([c.voxel for c in cands]).reshape(-1, 3), scan_truth(scan), float(self.cfg.eval.match_radius_mm))
         return [c for c, h in zip(cands, hits) if not h]
+
+    def _fit(self, module: pl.LightningModule, scfg: DictConfig, volumes: list[TrainingVolume], batch_size: int, mix: dict[str, float],
+             seed: int, out: Path, max_steps: int, run_name: str, metrics_to: Path) -> pl.Trainer:
+        """Train `module` on fresh patches of `volumes` (sampling `mix`) up to `max_steps`, resuming from
+        `out`/checkpoints/last.ckpt; logs and checkpoints under `out`, the metrics CSV copied to `metrics_to`."""
+        data = PatchDataModule(volumes, batch_size, int(scfg.steps_per_epoch), mix, seed=seed, max_shift=int(scfg.max_shift),
+                               negative_shift=scfg.get("negative_shift"), num_workers=int(self.cfg.trainer.num_workers))
+        trainer = self._trainer(out, max_steps, run_name)
+        last = out / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            log.info("%s: resuming from %s", out, last)
+        trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.is_file() else None)
+        _copy_metrics(out / "csv", metrics_to)
+        return trainer
 
     def _trainer(self, out: Path, max_steps: int, run_name: str) -> pl.Trainer:
         tcfg = self.cfg.trainer
