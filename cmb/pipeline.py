@@ -150,6 +150,9 @@ class Experiment:
             keep["stage"].pop("refine", None)
         elif stage == "unet":
             keep["match_radius_mm"] = float(self.cfg.eval.match_radius_mm)
+        mixes = [keep["stage"].get("sampling", {}), (keep["stage"].get("refine") or {}).get("sampling", {})]
+        if not any(float(m.get("transplant", 0.0)) > 0 for m in mixes):  # likewise for runs from before transplants
+            keep["stage"].pop("transplant", None)
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def is_done(self, stage: str, fold: int | str, batch_size: int) -> bool:
@@ -242,8 +245,10 @@ class Experiment:
              seed: int, out: Path, max_steps: int, run_name: str, metrics_to: Path) -> pl.Trainer:
         """Train `module` on fresh patches of `volumes` (sampling `mix`) up to `max_steps`, resuming from
         `out`/checkpoints/last.ckpt; logs and checkpoints under `out`, the metrics CSV copied to `metrics_to`."""
+        transplant = OmegaConf.to_container(scfg.transplant, resolve=True) if scfg.get("transplant") else None
         data = PatchDataModule(volumes, batch_size, int(scfg.steps_per_epoch), mix, seed=seed, max_shift=int(scfg.max_shift),
-                               negative_shift=scfg.get("negative_shift"), num_workers=int(self.cfg.trainer.num_workers))
+                               negative_shift=scfg.get("negative_shift"), num_workers=int(self.cfg.trainer.num_workers),
+                               transplant=transplant)
         trainer = self._trainer(out, max_steps, run_name)
         last = out / "checkpoints" / "last.ckpt"
         if last.is_file():

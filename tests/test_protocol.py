@@ -267,7 +267,7 @@ def test_refine_round_learns_from_its_own_false_positives_on_training_scans_only
     assert not all(torch.allclose(a, b) for a, b in weights)
 
 
-def test_refine_off_keeps_the_settings_hash_of_runs_from_before_the_option(tmp_path: Path, tiny_synthetic: Path) -> None:
+def test_options_off_keep_the_settings_hash_of_runs_from_before_them(tmp_path: Path, tiny_synthetic: Path) -> None:
     from omegaconf import open_dict
 
     from cmb.pipeline import Experiment
@@ -277,7 +277,16 @@ def test_refine_off_keeps_the_settings_hash_of_runs_from_before_the_option(tmp_p
     with_key = exp.member_settings_hash("unet", 0, 20)
     with open_dict(cfg):
         del cfg.model["refine"]
+        del cfg.model["transplant"]  # nor does the transplant option while no mix uses it
     assert exp.member_settings_hash("unet", 0, 20) == with_key
     with open_dict(cfg):
         cfg.model.refine = {"steps": 5, "threshold": 0.3, "max_scans": 2, "lr": 0.001, "sampling": {"mimic": 1.0}}
-    assert exp.member_settings_hash("unet", 0, 20) != with_key
+    refined = exp.member_settings_hash("unet", 0, 20)
+    assert refined != with_key
+    with open_dict(cfg):
+        cfg.model.transplant = {"sites": ["dark"], "gamma": [1.0, 1.0]}
+    assert exp.member_settings_hash("unet", 0, 20) == refined
+    cfg.model.refine.sampling = {"mimic": 0.5, "transplant": 0.5}
+    with_transplant = exp.member_settings_hash("unet", 0, 20)
+    cfg.model.transplant.sites = ["mimic"]
+    assert len({refined, with_transplant, exp.member_settings_hash("unet", 0, 20)}) == 3

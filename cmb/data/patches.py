@@ -1,6 +1,6 @@
-"""Training patches: CMB-centred positives, random brain negatives, dark negatives,
-vessel-like negatives (dark against their surroundings) and mined mimics, each
-augmented by `cmb.data.augment`.
+"""Training patches: CMB-centred positives, transplanted CMBs (`cmb.data.transplant`),
+random brain negatives, dark negatives, vessel-like negatives (dark against their
+surroundings) and mined mimics, each augmented by `cmb.data.augment`.
 
 Sampling is a pure function of (seed, epoch, index), so results do not depend on the
 number of data-loader workers.
@@ -19,6 +19,7 @@ from cmb import WINDOW
 from cmb.data.augment import augment_region, crop_centred, region_size, sample_params
 from cmb.data.preprocess import Preprocessed
 from cmb.data.scan import Scan
+from cmb.data.transplant import cut_stamps, paste_stamp
 
 MAX_POOL = 200_000  # negatives are drawn from at most this many stored voxel positions per scan
 
@@ -90,17 +91,20 @@ def build_training_volume(scan: Scan, pre: Preprocessed, *, point_radius_mm: flo
 class PatchDataset(Dataset):
     """Random augmented 20x20x16 windows from training volumes.
 
-    Each item picks a kind by `mix` (weights over "positive", "random", "dark", "vessel", "mimic";
-    kinds with nothing to draw from are skipped), a volume and a centre, then augments.
-    Returns {"image": (1, 20, 20, 16) float32, "target": (1, 20, 20, 16) float32,
-    "label": () float32 (1 for a CMB-centred window)}.
+    Each item picks a kind by `mix` (weights over "positive", "transplant", "random", "dark",
+    "vessel", "mimic"; kinds with nothing to draw from are skipped), a volume and a centre,
+    then augments. A "transplant" is a training CMB (any volume's) laid onto a centre drawn
+    from the `transplant_sites` pools, darkened by ratio**gamma with gamma uniform in
+    `transplant_gamma`; it is a positive. Returns {"image": (1, 20, 20, 16) float32,
+    "target": (1, 20, 20, 16) float32, "label": () float32 (1 for a CMB-centred window)}.
     """
 
-    KINDS = ("positive", "random", "dark", "vessel", "mimic")
-    POOL_ATTR = {"random": "brain", "dark": "dark", "vessel": "vessel"}
+    KINDS = ("positive", "transplant", "random", "dark", "vessel", "mimic")
+    POOL_ATTR = {"random": "brain", "dark": "dark", "vessel": "vessel", "mimic": "mimics"}
 
     def __init__(self, volumes: list[TrainingVolume], n_samples: int, mix: dict[str, float], seed: int = 0,
-                 max_shift: int = 1, flip: bool = True, rotate: bool = True, negative_shift: int | None = None) -> None:
+                 max_shift: int = 1, flip: bool = True, rotate: bool = True, negative_shift: int | None = None,
+                 transplant_sites: tuple[str, ...] = ("dark", "mimic"), transplant_gamma: tuple[float, float] = (0.75, 1.25)) -> None:
         if not volumes:
             raise ValueError("PatchDataset needs at least one training volume")
         self.volumes = volumes
@@ -110,19 +114,30 @@ class PatchDataset(Dataset):
         self.max_shift = max_shift
         self.negative_shift = max_shift if negative_shift is None else negative_shift
         self.flip, self.rotate = flip, rotate
-        pools = {
+        unknown = set(mix) - set(self.KINDS)
+        if unknown:
+            raise ValueError(f"unknown sampling kind(s) {sorted(unknown)}; known: {self.KINDS}")
+        self._pools = {  # drawn from as one list over all volumes; the other kinds pick a volume first
             "positive": [(v, c) for v, vol in enumerate(volumes) for c in vol.cmb_centres],
             "mimic": [(v, c) for v, vol in enumerate(volumes) for c in vol.mimics],
         }
-        self._pools = pools
         weights = {k: float(mix.get(k, 0.0)) for k in self.KINDS}
-        if not pools["positive"]:
+        if not self._pools["positive"]:
             weights["positive"] = 0.0
-        if not pools["mimic"]:
-            weights["mimic"] = 0.0
         for kind, attr in self.POOL_ATTR.items():
             if not any(len(getattr(v, attr)) for v in volumes):
                 weights[kind] = 0.0
+        bad_sites = set(transplant_sites) - set(self.POOL_ATTR)
+        if bad_sites:
+            raise ValueError(f"transplant sites must be among {sorted(self.POOL_ATTR)}, got {sorted(bad_sites)}")
+        self.transplant_sites = [k for k in transplant_sites if any(len(getattr(v, self.POOL_ATTR[k])) for v in volumes)]
+        self.transplant_gamma = tuple(float(g) for g in transplant_gamma)
+        self.stamps = []
+        if weights["transplant"] > 0:  # cut once per dataset (per epoch): tens of small crops
+            size = region_size(max_shift)
+            self.stamps = [s for vol in volumes for s in cut_stamps(vol.image, vol.target, vol.cmb_centres, size)]
+        if not self.stamps or not self.transplant_sites:
+            weights["transplant"] = 0.0
         total = sum(weights.values())
         if total <= 0:
             raise ValueError(f"nothing to sample with mix {mix}")
@@ -138,11 +153,11 @@ class PatchDataset(Dataset):
     def draw(self, rng: np.random.Generator) -> tuple[str, int, np.ndarray]:
         """(kind, volume index, integer centre) of one sample."""
         kind = self.kinds[int(rng.choice(len(self.kinds), p=self.probs))]
-        if kind in ("positive", "mimic"):
-            pool = self._pools[kind]
-            v, centre = pool[int(rng.integers(len(pool)))]
+        pool = self.transplant_sites[int(rng.integers(len(self.transplant_sites)))] if kind == "transplant" else kind
+        if pool in self._pools:
+            v, centre = self._pools[pool][int(rng.integers(len(self._pools[pool])))]
             return kind, v, np.asarray(centre)
-        attr = self.POOL_ATTR[kind]
+        attr = self.POOL_ATTR[pool]
         candidates = [i for i, vol in enumerate(self.volumes) if len(getattr(vol, attr))]
         v = candidates[int(rng.integers(len(candidates)))]
         positions = getattr(self.volumes[v], attr)
@@ -152,13 +167,18 @@ class PatchDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         kind, v, centre = self.draw(rng)
         vol = self.volumes[v]
-        shift = self.max_shift if kind == "positive" else self.negative_shift
+        is_cmb = kind in ("positive", "transplant")
+        shift = self.max_shift if is_cmb else self.negative_shift
         size = region_size(shift)
-        region = np.stack([crop_centred(vol.image, centre, size), crop_centred(vol.target, centre, size).astype(np.float32)])
+        image = crop_centred(vol.image, centre, size).astype(np.float32)
+        target = crop_centred(vol.target, centre, size).astype(np.float32)
+        if kind == "transplant":
+            stamp = self.stamps[int(rng.integers(len(self.stamps)))]
+            paste_stamp(image, target, stamp, float(rng.uniform(*self.transplant_gamma)))
         params = sample_params(rng, shift, self.flip, self.rotate)
-        window = augment_region(region, params, shift, WINDOW)
+        window = augment_region(np.stack([image, target]), params, shift, WINDOW)
         return {
             "image": torch.from_numpy(window[:1].astype(np.float32)),
             "target": torch.from_numpy(window[1:].astype(np.float32)),
-            "label": torch.tensor(1.0 if kind == "positive" else 0.0),
+            "label": torch.tensor(1.0 if is_cmb else 0.0),
         }

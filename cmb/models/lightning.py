@@ -67,18 +67,21 @@ class PatchDataModule(pl.LightningDataModule):
     """Fresh random patches every epoch (`steps_per_epoch` batches), seeded by (seed, epoch).
 
     Use with `reload_dataloaders_every_n_epochs=1` so each epoch (and a resumed run) draws new samples.
+    `transplant`: {"sites": [...], "gamma": [lo, hi]} for the mix's "transplant" windows (PatchDataset).
     """
 
     def __init__(self, volumes: list[TrainingVolume], batch_size: int, steps_per_epoch: int, mix: dict[str, float], seed: int = 0,
-                 max_shift: int = 1, negative_shift: int | None = None, num_workers: int = 0) -> None:
+                 max_shift: int = 1, negative_shift: int | None = None, num_workers: int = 0,
+                 transplant: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.volumes, self.batch_size, self.steps_per_epoch = volumes, batch_size, steps_per_epoch
         self.mix, self.seed, self.max_shift, self.negative_shift, self.num_workers = dict(mix), seed, max_shift, negative_shift, num_workers
+        self.transplant = {f"transplant_{k}": tuple(v) for k, v in (transplant or {}).items()}  # sites, gamma (PatchDataset)
 
     def train_dataloader(self) -> DataLoader:
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         dataset = PatchDataset(self.volumes, self.steps_per_epoch * self.batch_size, self.mix, seed=self.seed,
-                               max_shift=self.max_shift, negative_shift=self.negative_shift)
+                               max_shift=self.max_shift, negative_shift=self.negative_shift, **self.transplant)
         dataset.set_epoch(epoch)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers, drop_last=True,
                           persistent_workers=False)
