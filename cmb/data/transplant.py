@@ -3,9 +3,10 @@ another place of a training scan (an iron-dark nucleus, a vein, a stage-1 false 
 
 Why: with 15-50 scans, few training CMBs sit inside or against dark structures, while the
 hard-negative round and mined mimics teach the detector that such places are background;
-a deep CMB in the basal ganglia then goes unseen. A transplant shows the same site with a
-CMB on it, labelled as one. Written here because MONAI's copy-paste style transforms work
-on whole images and labels, not on the intensity ratio of one lesion to its surroundings.
+a CMB in or against a deep nucleus can then go unseen. A transplant shows the same site with a
+CMB on it, labelled as one. Written here because MONAI has no copy-paste transform (asked
+for in Project-MONAI/MONAI#4201), and plain copy-paste copies intensities, so a CMB from
+white matter would land in an iron-dark nucleus no darker than the nucleus.
 """
 
 from __future__ import annotations
