@@ -121,16 +121,11 @@ class PatchDataset(Dataset):
             "positive": [(v, c) for v, vol in enumerate(volumes) for c in vol.cmb_centres],
             "mimic": [(v, c) for v, vol in enumerate(volumes) for c in vol.mimics],
         }
-        weights = {k: float(mix.get(k, 0.0)) for k in self.KINDS}
-        if not self._pools["positive"]:
-            weights["positive"] = 0.0
-        for kind, attr in self.POOL_ATTR.items():
-            if not any(len(getattr(v, attr)) for v in volumes):
-                weights[kind] = 0.0
+        weights = {k: float(mix.get(k, 0.0)) if k == "transplant" or self._has(k) else 0.0 for k in self.KINDS}
         bad_sites = set(transplant_sites) - set(self.POOL_ATTR)
         if bad_sites:
             raise ValueError(f"transplant sites must be among {sorted(self.POOL_ATTR)}, got {sorted(bad_sites)}")
-        self.transplant_sites = [k for k in transplant_sites if any(len(getattr(v, self.POOL_ATTR[k])) for v in volumes)]
+        self.transplant_sites = [k for k in transplant_sites if self._has(k)]
         self.transplant_gamma = tuple(float(g) for g in transplant_gamma)
         self.stamps = []
         if weights["transplant"] > 0:  # cut once per dataset (per epoch): tens of small crops
@@ -143,6 +138,12 @@ class PatchDataset(Dataset):
             raise ValueError(f"nothing to sample with mix {mix}")
         self.kinds = [k for k in self.KINDS if weights[k] > 0]
         self.probs = np.array([weights[k] for k in self.kinds]) / total
+
+    def _has(self, pool: str) -> bool:
+        """Whether any volume has a centre to draw for `pool` (a kind other than "transplant")."""
+        if pool in self._pools:
+            return bool(self._pools[pool])
+        return any(len(getattr(v, self.POOL_ATTR[pool])) for v in self.volumes)
 
     def __len__(self) -> int:
         return self.n_samples
