@@ -150,6 +150,9 @@ class Experiment:
             keep["stage"].pop("refine", None)
         elif stage == "unet":
             keep["match_radius_mm"] = float(self.cfg.eval.match_radius_mm)
+        net = keep["stage"].get("net") or {}
+        if "blob_contrast" in net and not net["blob_contrast"]:  # likewise for runs from before the dark-blob channel
+            net.pop("blob_contrast")
         mixes = [keep["stage"].get("sampling", {}), (keep["stage"].get("refine") or {}).get("sampling", {})]
         if not any(float(m.get("transplant", 0.0)) > 0 for m in mixes):  # likewise for runs from before transplants
             keep["stage"].pop("transplant", None)

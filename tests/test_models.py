@@ -14,7 +14,7 @@ from cmb.data.patches import PatchDataset, TrainingVolume
 from cmb.models.checkpoint import load_model, save_model
 from cmb.models.discriminator import DouCNN
 from cmb.models.lightning import Stage1Module, Stage2Module
-from cmb.models.unet import LocalContrast, UNet3D
+from cmb.models.unet import DarkBlobContrast, LocalContrast, UNet3D
 from cmb.errors import DataError
 
 
@@ -29,14 +29,19 @@ def test_unet_shapes_on_window_and_tile() -> None:
         net(torch.randn(1, 1, 21, 20, 16))
 
 
-@pytest.mark.parametrize(("channels", "local_contrast"), [((4, 8), None), ((4, 8, 16), None), ((4, 8), (9, 9, 5))])
-def test_unet_receptive_field_matches_the_voxels_an_output_depends_on(channels: tuple[int, ...], local_contrast) -> None:
+@pytest.mark.parametrize(("channels", "local_contrast", "blob_contrast"),
+                         [((4, 8), None, None), ((4, 8, 16), None, None), ((4, 8), (9, 9, 5), None), ((4, 8), (9, 9, 5), (9, 9, 5)),
+                          ((4, 8), (3, 3, 3), (5, 5, 3))])
+def test_unet_receptive_field_matches_the_voxels_an_output_depends_on(channels: tuple[int, ...], local_contrast, blob_contrast) -> None:
     torch.manual_seed(0)
-    net = UNet3D(channels=channels, local_contrast=local_contrast).eval()
-    x = torch.rand(1, 1, 64, 64, 64, requires_grad=True)
-    net(x)[0, 0, 32, 32, 32].backward()
-    grad = x.grad[0, 0].abs()
-    support = torch.nonzero(grad > 1e-6 * grad.max())  # cumulative-sum box means leave rounding-level (<1e-9) leaks beyond the box
+    net = UNet3D(channels=channels, local_contrast=local_contrast, blob_contrast=blob_contrast).eval()
+    grads = []
+    for _ in range(16 if blob_contrast else 1):  # a max pool passes gradient to its maxima only: the union over inputs spans the rest
+        x = torch.rand(1, 1, 64, 64, 64, requires_grad=True)
+        net(x)[0, 0, 32, 32, 32].backward()
+        grad = x.grad[0, 0].abs()
+        grads.append(grad > 1e-6 * grad.max())  # cumulative-sum box means leave rounding-level (<1e-9) leaks beyond the box
+    support = torch.nonzero(torch.stack(grads).any(0))
     extent = (support.max(0).values - support.min(0).values + 1).tolist()
     assert extent == list(net.receptive_field)
 
@@ -61,6 +66,34 @@ def test_local_contrast_is_the_same_for_a_dark_dot_on_dark_and_on_bright_tissue(
     torch.testing.assert_close(lc(x)[:, 1:], x / box.clamp_min(lc.floor))
     with pytest.raises(ValueError, match="odd"):
         LocalContrast((8, 9, 5))
+
+
+def test_dark_blob_contrast_marks_small_dark_blobs_on_any_tissue_but_not_the_edge_of_a_nucleus() -> None:
+    """The closing ratio reads a dot at half its surround as 0.5 in white matter, inside a dark
+    nucleus and on its rim, and 1 on the nucleus's edge, where the local-mean ratio dips."""
+    blob = DarkBlobContrast((9, 9, 5))
+    volume = torch.full((1, 1, 48, 40, 16), 0.5)
+    volume[..., 24:, :, :] = 0.2  # an iron-dark "nucleus" filling the upper half along i
+    dots = {(10, 20, 8): 0.5, (36, 20, 8): 0.2, (24, 10, 8): 0.2}  # white matter, inside, on the rim (half in, half out)
+    for (i, j, k), level in dots.items():
+        volume[0, 0, i - 1 : i + 2, j - 1 : j + 2, k - 1 : k + 2] = 0.5 * level
+    out = blob(volume)
+    assert out.shape == volume.shape
+    for (i, j, k), level in dots.items():
+        assert float(out[0, 0, i, j, k]) == pytest.approx(0.5, abs=1e-6)
+    edge = (23, 30, 8)  # the nucleus's outermost voxel row, away from the dots
+    assert float(out[0, 0, edge[0], edge[1], edge[2]]) == pytest.approx(1.0)
+    assert float(out[0, 0, edge[0] + 1, edge[1], edge[2]]) == pytest.approx(1.0)
+    local_mean_ratio = LocalContrast((9, 9, 5))(volume)[0, 1, edge[0] + 1, edge[1], edge[2]]
+    assert float(local_mean_ratio) < 0.75  # what the local-mean channel says there: a CMB-like dip
+    assert float(blob(torch.zeros(1, 1, 20, 20, 16)).abs().max()) == 0.0  # background stays 0
+    x = torch.rand(1, 1, 40, 40, 24)  # away from the borders: scipy's grey closing over the same box
+    from scipy import ndimage
+
+    closing = torch.from_numpy(ndimage.grey_closing(x[0, 0].numpy(), size=(9, 9, 5)))
+    torch.testing.assert_close(blob(x)[0, 0, 8:-8, 8:-8, 4:-4], (x[0, 0] / closing.clamp_min(blob.floor))[8:-8, 8:-8, 4:-4])
+    with pytest.raises(ValueError, match="odd"):
+        DarkBlobContrast((9, 9, 4))
 
 
 @pytest.mark.parametrize("experiment", ["lotcv", "paper"])
@@ -137,8 +170,8 @@ class _Arbitrary:
 
 
 def test_model_file_roundtrip_is_safe(tmp_path: Path) -> None:
-    net = UNet3D(channels=(4, 8), local_contrast=(9, 9, 5))
-    path = save_model(net, {"channels": [4, 8], "local_contrast": (9, 9, 5)}, tmp_path / "model.pt", fold="0")
+    net = UNet3D(channels=(4, 8), local_contrast=(9, 9, 5), blob_contrast=(5, 5, 3))
+    path = save_model(net, {"channels": [4, 8], "local_contrast": (9, 9, 5), "blob_contrast": (5, 5, 3)}, tmp_path / "model.pt", fold="0")
     loaded, meta = load_model(path)
     assert meta["fold"] == "0"
     x = torch.randn(1, 1, *WINDOW)

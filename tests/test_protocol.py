@@ -278,7 +278,13 @@ def test_options_off_keep_the_settings_hash_of_runs_from_before_them(tmp_path: P
     with open_dict(cfg):
         del cfg.model["refine"]
         del cfg.model["transplant"]  # nor does the transplant option while no mix uses it
+        del cfg.model.net["blob_contrast"]  # nor the dark-blob channel while off
     assert exp.member_settings_hash("unet", 0, 20) == with_key
+    with open_dict(cfg):
+        cfg.model.net.blob_contrast = [9, 9, 5]
+    assert exp.member_settings_hash("unet", 0, 20) != with_key
+    with open_dict(cfg):
+        cfg.model.net.blob_contrast = None
     with open_dict(cfg):
         cfg.model.refine = {"steps": 5, "threshold": 0.3, "max_scans": 2, "lr": 0.001, "sampling": {"mimic": 1.0}}
     refined = exp.member_settings_hash("unet", 0, 20)

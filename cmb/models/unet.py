@@ -62,6 +62,39 @@ def box_mean_1d(x: torch.Tensor, dim: int, k: int) -> torch.Tensor:
     return window / count.to(x.dtype).view(shape)
 
 
+class DarkBlobContrast(nn.Module):
+    """(N, C, I, J, K) -> (N, C, I, J, K): the input over its morphological closing.
+
+    A closing (a box max, then a box min, over `kernel` voxels) fills dark structures
+    narrower than the box and keeps larger ones and their edges, so the ratio is < 1 on a
+    small dark blob (a CMB, also one inside or on the rim of an iron-dark nucleus) and on
+    thin veins, and ~1 on flat tissue and on the edge of a nucleus, where a local mean
+    (`LocalContrast`) gives a CMB-like dip. Floored at `floor` (normalized intensity) so
+    background (0) stays 0. The box counts only voxels inside the input (max pooling pads
+    with -inf). Written here because it must run inside the network, on windows, tiles and
+    GPUs alike (scipy.ndimage.grey_closing, the same operation, works on numpy arrays only).
+    """
+
+    def __init__(self, kernel: tuple[int, int, int] | list[int], floor: float = 0.05) -> None:
+        super().__init__()
+        self.kernel = tuple(int(k) for k in kernel)
+        if len(self.kernel) != 3 or any(k < 1 or k % 2 == 0 for k in self.kernel):
+            raise ValueError(f"dark-blob kernel must be three odd positive sides (voxels), got {self.kernel}")
+        self.floor = floor
+
+    def _box_max(self, x: torch.Tensor) -> torch.Tensor:
+        # a box maximum is separable: three 1-D max pools (~23 comparisons per voxel, not ~400)
+        for axis, k in enumerate(self.kernel):
+            size, pad = [1, 1, 1], [0, 0, 0]
+            size[axis], pad[axis] = k, k // 2
+            x = nn.functional.max_pool3d(x, tuple(size), stride=1, padding=tuple(pad))
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        closing = -self._box_max(-self._box_max(x))
+        return x / closing.clamp_min(self.floor)
+
+
 class UNet3D(nn.Module):
     """Batch-normalized 3D U-Net: (N, 1, I, J, K) -> (N, 1, I, J, K) CMB logits.
 
@@ -71,23 +104,26 @@ class UNet3D(nn.Module):
     near the 20x20x16 training window, or whole-scan tiles show a member context it never
     saw in training (conf/model/unet.yaml uses one pooling: 18 voxels of convolutions).
     `local_contrast` (a box side per axis, voxels) adds the input over its local mean as a
-    second channel (`LocalContrast`).
+    channel (`LocalContrast`); `blob_contrast` likewise the input over its closing
+    (`DarkBlobContrast`).
     We write our own because MONAI's BasicUNet fixes four poolings (too deep for a
     16-slice window) and its UNet uses strided residual units rather than the paper's
     plain conv-BN blocks.
     """
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, channels: tuple[int, ...] | list[int] = (16, 32, 64),
-                 local_contrast: tuple[int, int, int] | list[int] | None = None) -> None:
+                 local_contrast: tuple[int, int, int] | list[int] | None = None,
+                 blob_contrast: tuple[int, int, int] | list[int] | None = None) -> None:
         super().__init__()
         self.local_contrast = LocalContrast(local_contrast) if local_contrast else None
+        self.blob_contrast = DarkBlobContrast(blob_contrast) if blob_contrast else None
         channels = list(channels)
         if len(channels) < 2:
             raise ValueError("UNet3D needs at least two levels")
         self.channels = channels
         self.down_factor = 2 ** (len(channels) - 1)
         self.encoders = nn.ModuleList()
-        prev = in_channels * (2 if self.local_contrast is not None else 1)
+        prev = in_channels * (1 + (self.local_contrast is not None) + (self.blob_contrast is not None))
         for ch in channels:
             self.encoders.append(conv_block(prev, ch))
             prev = ch
@@ -106,19 +142,23 @@ class UNet3D(nn.Module):
 
         Each 3x3x3 convolution at level l (resolution 1/2**l) widens it by 2 * 2**l, each
         pooling by 2**l; the transposed convolutions (kernel = stride = 2) add nothing; the
-        local-contrast box adds its side minus one.
+        local-contrast box adds its side minus one, the closing (two boxes) twice that.
         """
         levels = len(self.channels)
         encoder = sum(4 * 2**level for level in range(levels))
         decoder = sum(4 * 2**level + 2**level for level in range(levels - 1))  # convs + the pooling below
         box = self.local_contrast.kernel if self.local_contrast is not None else (1, 1, 1)
-        return tuple(encoder + decoder + k for k in box)  # type: ignore[return-value]
+        closing = self.blob_contrast.kernel if self.blob_contrast is not None else (1, 1, 1)
+        return tuple(encoder + decoder + max(k - 1, 2 * (c - 1)) + 1 for k, c in zip(box, closing))  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if any(s % self.down_factor for s in x.shape[2:]):
             raise ValueError(f"input sides {tuple(x.shape[2:])} must divide by {self.down_factor}")
+        image = x
         if self.local_contrast is not None:
             x = self.local_contrast(x)  # in the input's precision: a ratio of intensities
+        if self.blob_contrast is not None:
+            x = torch.cat([x, self.blob_contrast(image)], dim=1)
         x = x.to(self.head.weight.dtype)  # a bf16 prediction copy (cmb.inference.stage1.inference_net) takes fp32 scans
         skips = []
         for i, enc in enumerate(self.encoders):
