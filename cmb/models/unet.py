@@ -18,6 +18,14 @@ def conv_block(in_ch: int, out_ch: int) -> nn.Sequential:
     )
 
 
+def odd_box(kernel: tuple[int, int, int] | list[int], what: str) -> tuple[int, int, int]:
+    """`kernel` as three odd positive box sides (voxels along i, j, k), or a ValueError naming `what`."""
+    box = tuple(int(k) for k in kernel)
+    if len(box) != 3 or any(k < 1 or k % 2 == 0 for k in box):
+        raise ValueError(f"{what} kernel must be three odd positive sides (voxels), got {box}")
+    return box  # type: ignore[return-value]
+
+
 class LocalContrast(nn.Module):
     """(N, C, I, J, K) -> (N, 2C, I, J, K): the input, and the input over its local mean.
 
@@ -32,9 +40,7 @@ class LocalContrast(nn.Module):
 
     def __init__(self, kernel: tuple[int, int, int] | list[int], floor: float = 0.05) -> None:
         super().__init__()
-        self.kernel = tuple(int(k) for k in kernel)
-        if len(self.kernel) != 3 or any(k < 1 or k % 2 == 0 for k in self.kernel):
-            raise ValueError(f"local-contrast kernel must be three odd positive sides (voxels), got {self.kernel}")
+        self.kernel = odd_box(kernel, "local-contrast")
         self.floor = floor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,9 +83,7 @@ class DarkBlobContrast(nn.Module):
 
     def __init__(self, kernel: tuple[int, int, int] | list[int], floor: float = 0.05) -> None:
         super().__init__()
-        self.kernel = tuple(int(k) for k in kernel)
-        if len(self.kernel) != 3 or any(k < 1 or k % 2 == 0 for k in self.kernel):
-            raise ValueError(f"dark-blob kernel must be three odd positive sides (voxels), got {self.kernel}")
+        self.kernel = odd_box(kernel, "dark-blob")
         self.floor = floor
 
     def _box_max(self, x: torch.Tensor) -> torch.Tensor:
