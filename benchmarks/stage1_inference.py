@@ -104,7 +104,7 @@ def main() -> None:
             both += int(near.any(axis=1).sum())
             only_fast += int((~near.any(axis=1)).sum())
             only_slow += int((~near.any(axis=0)).sum())
-            print(f"{scan_id} region {tuple(lo)}+{tuple(args.region)}: fast {len(c_fast)} candidates, faithful {len(c_slow)}", flush=True)
+            print(f"{scan_id} region {tuple(int(v) for v in lo)}+{tuple(args.region)}: fast {len(c_fast)} candidates, faithful {len(c_slow)}", flush=True)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     print(f"\nstage-1 inference, {args.threads} threads, U-Net {args.run}/fold_{args.fold}/unet_bs20, {regions} regions of {tuple(args.region)}")
     print(f"  faithful (20x20x16, stride 3): {t_slow:8.2f} s")

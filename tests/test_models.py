@@ -14,7 +14,7 @@ from cmb.data.patches import PatchDataset, TrainingVolume
 from cmb.models.checkpoint import load_model, save_model
 from cmb.models.discriminator import DouCNN
 from cmb.models.lightning import Stage1Module, Stage2Module
-from cmb.models.unet import DarkBlobContrast, LocalContrast, UNet3D
+from cmb.models.unet import DarkBlobContrast, LocalContrast, UNet3D, box_extreme_1d
 from cmb.errors import DataError
 
 
@@ -36,7 +36,7 @@ def test_unet_receptive_field_matches_the_voxels_an_output_depends_on(channels: 
     torch.manual_seed(0)
     net = UNet3D(channels=channels, local_contrast=local_contrast, blob_contrast=blob_contrast).eval()
     grads = []
-    for _ in range(16 if blob_contrast else 1):  # a max pool passes gradient to its maxima only: the union over inputs spans the rest
+    for _ in range(16 if blob_contrast else 1):  # a box max passes gradient to its maxima only: the union over inputs spans the rest
         x = torch.rand(1, 1, 64, 64, 64, requires_grad=True)
         net(x)[0, 0, 32, 32, 32].backward()
         grad = x.grad[0, 0].abs()
@@ -94,6 +94,18 @@ def test_dark_blob_contrast_marks_small_dark_blobs_on_any_tissue_but_not_the_edg
     torch.testing.assert_close(blob(x)[0, 0, 8:-8, 8:-8, 4:-4], (x[0, 0] / closing.clamp_min(blob.floor))[8:-8, 8:-8, 4:-4])
     with pytest.raises(ValueError, match="odd"):
         DarkBlobContrast((9, 9, 4))
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, 9, 15, 31])
+def test_box_extreme_equals_scipy_running_max_and_min_up_to_the_borders(k: int) -> None:
+    """Only voxels inside count, so at a border the window shrinks: scipy's mode='nearest' gives the same extremes."""
+    from scipy import ndimage
+
+    x = torch.rand(2, 1, 23, 19, 17)
+    for dim in (2, 3, 4):
+        for largest, scipy_filter in ((True, ndimage.maximum_filter1d), (False, ndimage.minimum_filter1d)):
+            expected = scipy_filter(x.numpy(), k, axis=dim, mode="nearest")
+            assert torch.equal(box_extreme_1d(x, dim, k, largest), torch.from_numpy(expected))
 
 
 @pytest.mark.parametrize("experiment", ["lotcv", "paper"])

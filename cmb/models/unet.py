@@ -76,8 +76,8 @@ class DarkBlobContrast(nn.Module):
     small dark blob (a CMB, also one inside or on the rim of an iron-dark nucleus) and on
     thin veins, and ~1 on flat tissue and on the edge of a nucleus, where a local mean
     (`LocalContrast`) gives a CMB-like dip. Floored at `floor` (normalized intensity) so
-    background (0) stays 0. The box counts only voxels inside the input (max pooling pads
-    with -inf). Written here because it must run inside the network, on windows, tiles and
+    background (0) stays 0. The box counts only voxels inside the input (`box_extreme_1d`).
+    Written here because it must run inside the network, on windows, tiles and
     GPUs alike (scipy.ndimage.grey_closing, the same operation, works on numpy arrays only).
     """
 
@@ -86,17 +86,36 @@ class DarkBlobContrast(nn.Module):
         self.kernel = odd_box(kernel, "dark-blob")
         self.floor = floor
 
-    def _box_max(self, x: torch.Tensor) -> torch.Tensor:
-        # a box maximum is separable: three 1-D max pools (~23 comparisons per voxel, not ~400)
+    def _box(self, x: torch.Tensor, largest: bool) -> torch.Tensor:
+        # a box maximum (minimum) is separable: one 1-D running extreme per axis
         for axis, k in enumerate(self.kernel):
-            size, pad = [1, 1, 1], [0, 0, 0]
-            size[axis], pad[axis] = k, k // 2
-            x = nn.functional.max_pool3d(x, tuple(size), stride=1, padding=tuple(pad))
+            x = box_extreme_1d(x, 2 + axis, k, largest)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        closing = -self._box_max(-self._box_max(x))
+        closing = self._box(self._box(x, largest=True), largest=False)
         return x / closing.clamp_min(self.floor)
+
+
+def box_extreme_1d(x: torch.Tensor, dim: int, k: int, largest: bool = True) -> torch.Tensor:
+    """Max (or min) of `x` over a centred window of `k` (odd) voxels along `dim`, counting only voxels inside `x`.
+
+    Doubling windows (1, 2, 4, ... voxels, each the extreme of two shifted halves: ~log2(k)
+    elementwise passes), because max_pool3d on a CPU always computes argmax indices too and
+    is 5-20x slower (a 9x9x5 closing of 96x96x64 voxels: 75 ms against 3 ms); same values.
+    """
+    if k == 1:
+        return x
+    extreme = torch.maximum if largest else torch.minimum
+    shape = list(x.shape)
+    shape[dim] = k // 2
+    outside = x.new_full(shape, float("-inf") if largest else float("inf"))  # never chosen: only voxels inside count
+    run, width = torch.cat([outside, x, outside], dim), 1  # run[i]: extreme over padded voxels i .. i + width - 1
+    while 2 * width <= k:
+        n = run.shape[dim] - width
+        run, width = extreme(run.narrow(dim, 0, n), run.narrow(dim, width, n)), 2 * width
+    n = x.shape[dim]  # k is odd, so width < k <= 2 * width: two overlapping windows of `width` cover k voxels
+    return extreme(run.narrow(dim, 0, n), run.narrow(dim, k - width, n))
 
 
 class UNet3D(nn.Module):
