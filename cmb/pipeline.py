@@ -46,11 +46,13 @@ from cmb.inference.candidates import Candidate, extract_candidates, read_candida
 from cmb.inference.stage1 import Stage1InferenceConfig, ensemble_probability, predict_probability
 from cmb.inference.stage2 import score_points
 from cmb.models.checkpoint import load_model, save_model
+from cmb.models.health import is_capped, training_cmb_peaks
 from cmb.models.lightning import PatchDataModule, Stage1Module, Stage2Module
 
 log = logging.getLogger(__name__)
 STAGES = ("unet", "cnn")
 FINAL = "final"
+RETRY_SEED_STEP = 100  # a capped U-Net's retry n is seeded with its seed + n * this
 
 
 def scan_truth(scan: Scan) -> Truth:
@@ -151,6 +153,7 @@ class Experiment:
         elif stage == "unet":
             keep["match_radius_mm"] = float(self.cfg.eval.match_radius_mm)
         net = keep["stage"].get("net") or {}
+        keep["stage"].pop("health", None)  # the check keeps a healthy member as it is; a retrained one says so in done.json
         if "blob_contrast" in net and not net["blob_contrast"]:  # likewise for runs from before the dark-blob channel
             net.pop("blob_contrast")
         mixes = [keep["stage"].get("sampling", {}), (keep["stage"].get("refine") or {}).get("sampling", {})]
@@ -185,24 +188,33 @@ class Experiment:
         scfg = self.stage_cfg(stage)
         t0 = time.perf_counter()
         volumes = self.training_volumes(split["train"], mimics_dir)
-        seed = int(self.cfg.seed) * 1000 + int(batch_size) + (0 if stage == "unet" else 500) + (hash_fold(fold) * 7)
-        pl.seed_everything(seed, workers=True)
+        health = scfg.get("health") if stage == "unet" else None
+        rejected = sorted(out.glob("rejected_attempt_*"))  # a resumed member goes on with the attempt it was at
+        while True:
+            seed = (int(self.cfg.seed) * 1000 + int(batch_size) + (0 if stage == "unet" else 500) + (hash_fold(fold) * 7)
+                    + RETRY_SEED_STEP * len(rejected))
+            net, trainer = self._train_first_round(stage, scfg, volumes, fold, int(batch_size), seed, out)
+            done: dict[str, Any] = {"steps": int(trainer.global_step), "final_loss": _last_metric(out / "metrics.csv", "train/loss")}
+            if not health:
+                break
+            peaks = training_cmb_peaks(net, volumes)
+            done["training_cmb_peak_median"] = round(float(np.median(peaks)), 4) if len(peaks) else None
+            if not is_capped(peaks, float(health.min_median_peak)):
+                break
+            if len(rejected) >= int(health.retries):
+                log.warning("%s: still capped after %d retries (median peak %.3f on its training CMBs, below %.2f); keeping it",
+                            out, len(rejected), float(np.median(peaks)), float(health.min_median_peak))
+                done["capped"] = True
+                break
+            rejected.append(self._reject_attempt(out, len(rejected)))
+            log.warning("%s: capped member (median peak %.3f on its own training CMBs, below %.2f); kept in %s, "
+                        "training again with seed + %d", out, float(np.median(peaks)), float(health.min_median_peak),
+                        rejected[-1].name, RETRY_SEED_STEP * len(rejected))
+        if rejected:
+            done["rejected_attempts"] = [r.name for r in rejected]
         net_kwargs = OmegaConf.to_container(scfg.net, resolve=True)
-        net = instantiate(scfg.net)
-        optimizer = instantiate(scfg.optimizer)
-        max_steps = int(scfg.max_steps)
-        if stage == "unet":
-            module: pl.LightningModule = Stage1Module(net, instantiate(scfg.loss), optimizer, max_steps)
-        else:
-            module = Stage2Module(net, optimizer, max_steps, label_smoothing=float(scfg.get("label_smoothing", 0.0)))
-        out.mkdir(parents=True, exist_ok=True)
-        write_config_and_metadata(out, self.cfg, stage=stage, fold=str(fold), batch_size=int(batch_size), train_scans=split["train"],
-                                  heldout_scans=split["test"], training_seed=seed)
-        trainer = self._fit(module, scfg, volumes, int(batch_size), dict(scfg.sampling), seed, out, max_steps,
-                            f"{stage}_bs{batch_size}_fold{fold}", out / "metrics.csv")
         net_kwargs.pop("_target_", None)
         save = dict(stage=stage, fold=str(fold), batch_size=int(batch_size), train_scans=split["train"])
-        done: dict[str, Any] = {"steps": int(trainer.global_step), "final_loss": _last_metric(out / "metrics.csv", "train/loss")}
         if stage == "unet" and refine_steps(scfg):
             save_model(net, net_kwargs, out / "model_before_refine.pt", **save)
             done["refine"] = self._refine_unet(net, out, fold, int(batch_size), seed)
@@ -212,6 +224,35 @@ class Experiment:
         done = {"settings_hash": self.member_settings_hash(stage, fold, batch_size), **done, "train_seconds": round(seconds, 2)}
         atomic_write_text(json.dumps(done, indent=1), out / "done.json")
         return out
+
+    def _train_first_round(self, stage: str, scfg: DictConfig, volumes: list[TrainingVolume], fold: int | str, batch_size: int,
+                           seed: int, out: Path) -> tuple[torch.nn.Module, pl.Trainer]:
+        """A fresh member (seeded by `seed`) trained `max_steps` on `volumes`; resumes from `out`'s last checkpoint."""
+        split = self.fold_split(fold)
+        pl.seed_everything(seed, workers=True)
+        net = instantiate(scfg.net)
+        optimizer = instantiate(scfg.optimizer)
+        max_steps = int(scfg.max_steps)
+        if stage == "unet":
+            module: pl.LightningModule = Stage1Module(net, instantiate(scfg.loss), optimizer, max_steps)
+        else:
+            module = Stage2Module(net, optimizer, max_steps, label_smoothing=float(scfg.get("label_smoothing", 0.0)))
+        out.mkdir(parents=True, exist_ok=True)
+        write_config_and_metadata(out, self.cfg, stage=stage, fold=str(fold), batch_size=batch_size, train_scans=split["train"],
+                                  heldout_scans=split["test"], training_seed=seed)
+        trainer = self._fit(module, scfg, volumes, batch_size, dict(scfg.sampling), seed, out, max_steps,
+                            f"{stage}_bs{batch_size}_fold{fold}", out / "metrics.csv")
+        return net, trainer
+
+    @staticmethod
+    def _reject_attempt(out: Path, attempt: int) -> Path:
+        """Move a rejected attempt's checkpoints and logs into `out`/rejected_attempt_<n> (kept, not deleted)."""
+        dest = out / f"rejected_attempt_{attempt}"
+        dest.mkdir()
+        for name in ("checkpoints", "csv", "wandb", "metrics.csv", "config.yaml", "metadata.json"):
+            if (out / name).exists():
+                shutil.move(str(out / name), str(dest / name))
+        return dest
 
     def _refine_unet(self, net: torch.nn.Module, out: Path, fold: int | str, batch_size: int, seed: int) -> dict[str, Any]:
         """Hard-negative round of a trained U-Net, in place: train `model.refine.steps` more steps with

@@ -279,6 +279,7 @@ def test_options_off_keep_the_settings_hash_of_runs_from_before_them(tmp_path: P
         del cfg.model["refine"]
         del cfg.model["transplant"]  # nor does the transplant option while no mix uses it
         del cfg.model.net["blob_contrast"]  # nor the dark-blob channel while off
+        del cfg.model["health"]  # nor the capped-member check: it keeps healthy members as they are
     assert exp.member_settings_hash("unet", 0, 20) == with_key
     with open_dict(cfg):
         cfg.model.net.blob_contrast = [9, 9, 5]
@@ -296,3 +297,27 @@ def test_options_off_keep_the_settings_hash_of_runs_from_before_them(tmp_path: P
     with_transplant = exp.member_settings_hash("unet", 0, 20)
     cfg.model.transplant.sites = ["mimic"]
     assert len({refined, with_transplant, exp.member_settings_hash("unet", 0, 20)}) == 3
+
+
+def test_a_capped_member_is_set_aside_and_trained_again_with_another_seed(tmp_path: Path, tiny_synthetic: Path) -> None:
+    from cmb.pipeline import RETRY_SEED_STEP, Experiment
+
+    # a bar no member can pass (peaks are <= 1.0), so every attempt counts as capped
+    cfg = _compose([*SMOKE, f"paths.cache_dir={tiny_synthetic}", f"paths.runs_dir={tmp_path}", "name=capped", "logger=csv",
+                    "model.max_steps=4", "model.steps_per_epoch=2", "model.refine.steps=0",
+                    "model.health.min_median_peak=1.01", "model.health.retries=1"])
+    member = Experiment(cfg).train_member("unet", 0, 20)
+    done = json.loads((member / "done.json").read_text())
+    assert done["rejected_attempts"] == ["rejected_attempt_0"] and done["capped"] is True
+    assert 0.0 <= done["training_cmb_peak_median"] <= 1.0
+    rejected = member / "rejected_attempt_0"
+    assert (rejected / "checkpoints" / "last.ckpt").is_file() and (rejected / "metrics.csv").is_file()
+    first_seed = json.loads((rejected / "metadata.json").read_text())["training_seed"]
+    assert json.loads((member / "metadata.json").read_text())["training_seed"] == first_seed + RETRY_SEED_STEP
+    assert (member / "model.pt").is_file() and (member / "checkpoints" / "last.ckpt").is_file()
+
+    cfg = _compose([*SMOKE, f"paths.cache_dir={tiny_synthetic}", f"paths.runs_dir={tmp_path}", "name=healthy", "logger=csv",
+                    "model.max_steps=4", "model.steps_per_epoch=2", "model.refine.steps=0", "model.health.min_median_peak=0.0"])
+    member = Experiment(cfg).train_member("unet", 0, 20)
+    done = json.loads((member / "done.json").read_text())
+    assert "rejected_attempts" not in done and "capped" not in done and not list(member.glob("rejected_attempt_*"))

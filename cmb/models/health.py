@@ -1,0 +1,56 @@
+"""A trained U-Net member's check on its own training CMBs (training data only, never held-out scans).
+
+A member can end training "capped": its largest output is the sigmoid of a constant (e.g.
+0.55 on every CMB and on large dark regions), because its last layer learned to mark what
+is *not* a CMB and gives a fixed bias elsewhere. Such a member still lowers the loss a little
+but halves the ensemble's scores and floods stage 1 with large low-confidence components
+(paper preset, seed 1: 2 of 32 members). It is obvious on the member's own training CMBs,
+which a healthy member scores ~1.0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from cmb import WINDOW
+from cmb.data.patches import TrainingVolume
+
+
+def windows_at(image: np.ndarray, centres: np.ndarray, size: tuple[int, int, int] = WINDOW) -> np.ndarray:
+    """(N, 1, *size) float32 windows of `image` (I, J, K) centred on `centres` (N, 3) voxels, zero outside."""
+    half = np.array(size) // 2
+    padded = np.pad(image, [(h, h) for h in half])
+    out = np.zeros((len(centres), 1, *size), dtype=np.float32)
+    for n, c in enumerate(np.asarray(centres, dtype=int).reshape(-1, 3)):
+        lo = c  # c - half in image voxels is c in padded voxels
+        out[n, 0] = padded[lo[0] : lo[0] + size[0], lo[1] : lo[1] + size[1], lo[2] : lo[2] + size[2]]
+    return out
+
+
+@torch.no_grad()
+def training_cmb_peaks(net: nn.Module, volumes: list[TrainingVolume], batch: int = 64) -> np.ndarray:
+    """Peak probability of `net` in the 20x20x16 window centred on each training CMB, (N,) in [0, 1].
+
+    Runs on the device of the net's weights, in eval mode (batch-norm running statistics, as
+    in prediction); the caller's mode is restored.
+    """
+    device = next((p.device for p in net.parameters()), torch.device("cpu"))
+    windows = [windows_at(v.image, v.cmb_centres) for v in volumes if len(v.cmb_centres)]
+    if not windows:
+        return np.zeros(0, dtype=np.float32)
+    stacked = torch.from_numpy(np.concatenate(windows))
+    was_training = net.training
+    net.eval()
+    try:
+        peaks = [torch.sigmoid(net(stacked[i : i + batch].to(device)).float()).amax(dim=(1, 2, 3, 4)).cpu()
+                 for i in range(0, len(stacked), batch)]
+    finally:
+        net.train(was_training)
+    return torch.cat(peaks).numpy()
+
+
+def is_capped(peaks: np.ndarray, min_median_peak: float) -> bool:
+    """True when the member's median peak on its training CMBs is below `min_median_peak`."""
+    return len(peaks) > 0 and float(np.median(peaks)) < min_median_peak

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from cmb import WINDOW
+from cmb.data.patches import TrainingVolume
+from cmb.models.health import is_capped, training_cmb_peaks, windows_at
+
+
+class DarkDotDetector(nn.Module):
+    """A hand-made 'member': logit = gain * (0.5 - image), so dark voxels score high; `cap` limits the logit."""
+
+    def __init__(self, gain: float, cap: float | None = None) -> None:
+        super().__init__()
+        self.gain, self.cap = gain, cap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.gain * (0.5 - x)
+        return logits.clamp(max=self.cap) if self.cap is not None else logits
+
+
+def _volume() -> TrainingVolume:
+    image = np.full((40, 40, 24), 0.6, dtype=np.float32)
+    centres = np.array([[10, 10, 8], [30, 25, 12], [1, 38, 0]])  # the last one at the border: its window is part zeros
+    for c in centres:
+        image[tuple(slice(max(v - 1, 0), v + 2) for v in c)] = 0.1
+    return TrainingVolume("synthA", image, np.zeros(image.shape, np.uint8), centres, np.zeros((0, 3), int), np.zeros((0, 3), int))
+
+
+def test_windows_are_centred_on_the_cmb_and_zero_outside_the_image() -> None:
+    vol = _volume()
+    windows = windows_at(vol.image, vol.cmb_centres)
+    assert windows.shape == (3, 1, *WINDOW)
+    half = np.array(WINDOW) // 2
+    for window in windows:
+        assert window[0][tuple(half)] == np.float32(0.1)  # the dark dot sits at the window centre
+    np.testing.assert_array_equal(windows[0, 0], vol.image[0:20, 0:20, 0:16])
+    assert float(windows[2, 0, : half[0] - 1].max()) == 0.0  # i < 0 lies outside the image
+
+
+def test_a_capped_member_is_told_from_a_healthy_one_on_its_training_cmbs() -> None:
+    vols = [_volume()]
+    healthy = training_cmb_peaks(DarkDotDetector(gain=40.0), vols)
+    capped = training_cmb_peaks(DarkDotDetector(gain=40.0, cap=0.2), vols)  # sigmoid(0.2) = 0.55 at best
+    assert healthy.shape == (3,) and float(healthy.min()) > 0.99
+    np.testing.assert_allclose(capped, 1 / (1 + np.exp(-0.2)), rtol=1e-5)
+    assert not is_capped(healthy, 0.9) and is_capped(capped, 0.9)
+    assert not is_capped(np.zeros(0), 0.9)  # no training CMBs: nothing to judge
+
+
+def test_the_check_leaves_the_member_in_the_mode_it_found() -> None:
+    net = nn.Sequential(nn.Conv3d(1, 1, 3, padding=1), nn.BatchNorm3d(1)).train()
+    training_cmb_peaks(net, [_volume()])
+    assert net.training
+    running_mean = net[1].running_mean.clone()
+    training_cmb_peaks(net, [_volume()])
+    torch.testing.assert_close(net[1].running_mean, running_mean)  # eval mode: batch-norm statistics untouched
