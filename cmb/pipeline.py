@@ -198,17 +198,18 @@ class Experiment:
             if not health:
                 break
             peaks = training_cmb_peaks(net, volumes)
-            done["training_cmb_peak_median"] = round(float(np.median(peaks)), 4) if len(peaks) else None
+            median = float(np.median(peaks)) if len(peaks) else None
+            done["training_cmb_peak_median"] = round(median, 4) if median is not None else None
             if not is_capped(peaks, float(health.min_median_peak)):
                 break
             if len(rejected) >= int(health.retries):
                 log.warning("%s: still capped after %d retries (median peak %.3f on its training CMBs, below %.2f); keeping it",
-                            out, len(rejected), float(np.median(peaks)), float(health.min_median_peak))
+                            out, len(rejected), median, float(health.min_median_peak))
                 done["capped"] = True
                 break
             rejected.append(self._reject_attempt(out, len(rejected)))
             log.warning("%s: capped member (median peak %.3f on its own training CMBs, below %.2f); kept in %s, "
-                        "training again with seed + %d", out, float(np.median(peaks)), float(health.min_median_peak),
+                        "training again with seed + %d", out, median, float(health.min_median_peak),
                         rejected[-1].name, RETRY_SEED_STEP * len(rejected))
         if rejected:
             done["rejected_attempts"] = [r.name for r in rejected]

@@ -6,7 +6,7 @@ from torch import nn
 
 from cmb import WINDOW
 from cmb.data.patches import TrainingVolume
-from cmb.models.health import is_capped, training_cmb_peaks, windows_at
+from cmb.models.health import cmb_windows, is_capped, training_cmb_peaks
 
 
 class DarkDotDetector(nn.Module):
@@ -31,8 +31,8 @@ def _volume() -> TrainingVolume:
 
 def test_windows_are_centred_on_the_cmb_and_zero_outside_the_image() -> None:
     vol = _volume()
-    windows = windows_at(vol.image, vol.cmb_centres)
-    assert windows.shape == (3, 1, *WINDOW)
+    windows = cmb_windows([vol])
+    assert windows.shape == (3, 1, *WINDOW) and windows.dtype == np.float32
     half = np.array(WINDOW) // 2
     for window in windows:
         assert window[0][tuple(half)] == np.float32(0.1)  # the dark dot sits at the window centre

@@ -15,18 +15,14 @@ import torch
 from torch import nn
 
 from cmb import WINDOW
+from cmb.data.augment import centred_window
 from cmb.data.patches import TrainingVolume
 
 
-def windows_at(image: np.ndarray, centres: np.ndarray, size: tuple[int, int, int] = WINDOW) -> np.ndarray:
-    """(N, 1, *size) float32 windows of `image` (I, J, K) centred on `centres` (N, 3) voxels, zero outside."""
-    half = np.array(size) // 2
-    padded = np.pad(image, [(h, h) for h in half])
-    out = np.zeros((len(centres), 1, *size), dtype=np.float32)
-    for n, c in enumerate(np.asarray(centres, dtype=int).reshape(-1, 3)):
-        lo = c  # c - half in image voxels is c in padded voxels
-        out[n, 0] = padded[lo[0] : lo[0] + size[0], lo[1] : lo[1] + size[1], lo[2] : lo[2] + size[2]]
-    return out
+def cmb_windows(volumes: list[TrainingVolume]) -> np.ndarray:
+    """(N, 1, 20, 20, 16) float32 windows centred on every training CMB of `volumes` (zero past the edge)."""
+    windows = [centred_window(v.image, c) for v in volumes for c in v.cmb_centres]
+    return np.stack(windows)[:, None].astype(np.float32) if windows else np.zeros((0, 1, *WINDOW), np.float32)
 
 
 @torch.no_grad()
@@ -37,10 +33,9 @@ def training_cmb_peaks(net: nn.Module, volumes: list[TrainingVolume], batch: int
     in prediction); the caller's mode is restored.
     """
     device = next((p.device for p in net.parameters()), torch.device("cpu"))
-    windows = [windows_at(v.image, v.cmb_centres) for v in volumes if len(v.cmb_centres)]
-    if not windows:
+    stacked = torch.from_numpy(cmb_windows(volumes))
+    if len(stacked) == 0:
         return np.zeros(0, dtype=np.float32)
-    stacked = torch.from_numpy(np.concatenate(windows))
     was_training = net.training
     net.eval()
     try:
