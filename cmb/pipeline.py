@@ -23,6 +23,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ from cmb.inference.candidates import Candidate, extract_candidates, read_candida
 from cmb.inference.stage1 import Stage1InferenceConfig, ensemble_probability, predict_probability
 from cmb.inference.stage2 import score_points
 from cmb.models.checkpoint import load_model, save_model
-from cmb.models.health import is_capped, training_cmb_peaks
+from cmb.models.health import is_capped, replay_weights, training_cmb_peaks
 from cmb.models.lightning import PatchDataModule, Stage1Module, Stage2Module
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,8 @@ class Experiment:
             keep["stage"].pop("refine", None)
         elif stage == "unet":
             keep["match_radius_mm"] = float(self.cfg.eval.match_radius_mm)
+            if not keep["stage"]["refine"].get("replay"):  # likewise for runs from before replay
+                keep["stage"]["refine"].pop("replay", None)
         net = keep["stage"].get("net") or {}
         keep["stage"].pop("health", None)  # the check keeps a healthy member as it is; a retrained one says so in done.json
         if "blob_contrast" in net and not net["blob_contrast"]:  # likewise for runs from before the dark-blob channel
@@ -273,12 +276,33 @@ class Experiment:
         optimizer = instantiate(self.cfg.model.optimizer, lr=float(rcfg.lr))
         steps = int(rcfg.steps)
         module = Stage1Module(net, instantiate(self.cfg.model.loss), optimizer, steps)
+        replay = rcfg.get("replay")
+        names = [f"{v.scan_id}:{i}" for v in volumes for i in range(len(v.cmb_centres))]
+        slipping_per_epoch: list[int] = []
+        replayed = np.zeros(len(names), dtype=bool)
+
+        def positive_weights() -> np.ndarray | None:
+            """Start of each epoch: a training CMB that has slipped below `replay.below` is drawn more often
+            for the rest of the round (once slipped, kept: a CMB let go as soon as it is back slips again)."""
+            slipping = training_cmb_peaks(net, volumes) < float(replay.below)
+            slipping_per_epoch.append(int(slipping.sum()))
+            replayed[:] |= slipping
+            return replay_weights(replayed, float(replay.share))
+
         net.train()  # Lightning keeps the train/eval mode it finds; this round must train batch norm too
         trainer = self._fit(module, self.cfg.model, volumes, batch_size, dict(rcfg.sampling), seed + 1, out / "refine", steps,
-                            f"unet_bs{batch_size}_fold{fold}_refine", out / "refine_metrics.csv")
+                            f"unet_bs{batch_size}_fold{fold}_refine", out / "refine_metrics.csv",
+                            positive_weights if replay else None)
         n_negatives = sum(len(read_candidates(negatives / f"{s}.csv")[0]) for s in scans)
-        return {"steps": int(trainer.global_step), "hard_negatives": n_negatives, "scans": scans,
-                "final_loss": _last_metric(out / "refine_metrics.csv", "train/loss")}
+        peaks = training_cmb_peaks(net, volumes)
+        record: dict[str, Any] = {"steps": int(trainer.global_step), "hard_negatives": n_negatives, "scans": scans,
+                                  "final_loss": _last_metric(out / "refine_metrics.csv", "train/loss"),
+                                  "training_cmb_peak_min": round(float(peaks.min()), 4) if len(peaks) else None,
+                                  "training_cmbs_below_0.5": {n: round(float(p), 4) for n, p in zip(names, peaks) if p < 0.5}}
+        if replay:
+            record["replay_slipping_per_epoch"] = slipping_per_epoch
+            record["replayed"] = [n for n, r in zip(names, replayed) if r]
+        return record
 
     def false_positives(self, prob: np.ndarray, threshold: float, scan: Scan) -> list[Candidate]:
         """Components of `prob >= threshold` that hit no CMB of `scan` (matching rule of design.md)."""
@@ -287,13 +311,15 @@ class Experiment:
         return [c for c, h in zip(cands, hits) if not h]
 
     def _fit(self, module: pl.LightningModule, scfg: DictConfig, volumes: list[TrainingVolume], batch_size: int, mix: dict[str, float],
-             seed: int, out: Path, max_steps: int, run_name: str, metrics_to: Path) -> pl.Trainer:
-        """Train `module` on fresh patches of `volumes` (sampling `mix`) up to `max_steps`, resuming from
-        `out`/checkpoints/last.ckpt; logs and checkpoints under `out`, the metrics CSV copied to `metrics_to`."""
+             seed: int, out: Path, max_steps: int, run_name: str, metrics_to: Path,
+             positive_weights: Callable[[], np.ndarray | None] | None = None) -> pl.Trainer:
+        """Train `module` on fresh patches of `volumes` (sampling `mix`; positives weighted per epoch by
+        `positive_weights`, PatchDataModule) up to `max_steps`, resuming from `out`/checkpoints/last.ckpt;
+        logs and checkpoints under `out`, the metrics CSV copied to `metrics_to`."""
         transplant = OmegaConf.to_container(scfg.transplant, resolve=True) if scfg.get("transplant") else None
         data = PatchDataModule(volumes, batch_size, int(scfg.steps_per_epoch), mix, seed=seed, max_shift=int(scfg.max_shift),
                                negative_shift=scfg.get("negative_shift"), num_workers=int(self.cfg.trainer.num_workers),
-                               transplant=transplant)
+                               transplant=transplant, positive_weights=positive_weights)
         trainer = self._trainer(out, max_steps, run_name)
         last = out / "checkpoints" / "last.ckpt"
         if last.is_file():

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
 from cmb import WINDOW
-from cmb.data.patches import TrainingVolume
-from cmb.models.health import cmb_windows, is_capped, training_cmb_peaks
+from cmb.data.patches import PatchDataset, TrainingVolume
+from cmb.models.health import cmb_windows, is_capped, replay_weights, training_cmb_peaks
+from cmb.models.lightning import PatchDataModule
 
 
 class DarkDotDetector(nn.Module):
@@ -57,3 +59,41 @@ def test_the_check_leaves_the_member_in_the_mode_it_found() -> None:
     running_mean = net[1].running_mean.clone()
     training_cmb_peaks(net, [_volume()])
     torch.testing.assert_close(net[1].running_mean, running_mean)  # eval mode: batch-norm statistics untouched
+
+
+def test_replay_gives_slipping_cmbs_their_share_of_the_positive_draws() -> None:
+    assert replay_weights(np.zeros(3, bool), share=0.5) is None  # none slipping: uniform draws
+    weights = replay_weights(np.array([False, True, False, False]), share=0.5)
+    np.testing.assert_allclose(weights, [0.125, 0.625, 0.125, 0.125])
+    weights = replay_weights(np.array([True, True, False]), share=0.6)
+    np.testing.assert_allclose(weights[:2].sum(), 0.6 + 2 * 0.4 / 3)
+    np.testing.assert_allclose(weights.sum(), 1.0)
+
+
+def test_positive_weights_steer_which_training_cmb_is_drawn() -> None:
+    vol = _volume()
+    rng = np.random.default_rng(0)
+    uniform = PatchDataset([vol], 8, {"positive": 1.0}, seed=0)
+    assert {tuple(uniform.draw(rng)[2]) for _ in range(60)} == {tuple(c) for c in vol.cmb_centres}
+    only_last = PatchDataset([vol], 8, {"positive": 1.0}, seed=0, positive_weights=np.array([0.0, 0.0, 1.0]))
+    assert {tuple(only_last.draw(rng)[2]) for _ in range(60)} == {tuple(vol.cmb_centres[2])}
+    half = PatchDataset([vol], 8, {"positive": 1.0}, seed=0, positive_weights=np.array([1.0, 1.0, 2.0]))
+    share = np.mean([np.array_equal(half.draw(rng)[2], vol.cmb_centres[2]) for _ in range(2000)])
+    assert abs(share - 0.5) < 0.05
+    with pytest.raises(ValueError, match="one weight >= 0 per training CMB"):
+        PatchDataset([vol], 8, {"positive": 1.0}, positive_weights=np.ones(2))
+
+
+def test_the_data_module_asks_for_positive_weights_every_epoch() -> None:
+    calls = []
+
+    def weights() -> np.ndarray:
+        calls.append(1)
+        return np.array([0.0, 1.0, 0.0])
+
+    data = PatchDataModule([_volume()], batch_size=4, steps_per_epoch=2, mix={"positive": 1.0}, positive_weights=weights)
+    for expected in (1, 2):
+        loader = data.train_dataloader()
+        assert len(calls) == expected
+        np.testing.assert_allclose(loader.dataset.positive_p, [0.0, 1.0, 0.0])
+    assert PatchDataModule([_volume()], 4, 2, {"positive": 1.0}).train_dataloader().dataset.positive_p is None

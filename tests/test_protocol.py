@@ -231,6 +231,7 @@ def test_refine_round_learns_from_its_own_false_positives_on_training_scans_only
     from cmb.inference.candidates import read_candidates
     from cmb.inference.stage1 import predict_probability
     from cmb.models.checkpoint import load_model
+    from cmb.models.health import training_cmb_peaks
     from cmb.pipeline import Experiment
 
     mimic_only = [f"model.refine.sampling.{k}={1.0 if k == 'mimic' else 0.0}" for k in ("positive", "random", "dark", "vessel", "mimic")]
@@ -245,6 +246,7 @@ def test_refine_round_learns_from_its_own_false_positives_on_training_scans_only
     done = json.loads((member / "done.json").read_text())
     assert done["refine"]["steps"] == 40 and done["refine"]["hard_negatives"] > 0
     assert (member / "refine_metrics.csv").is_file()
+    assert len(done["refine"]["replay_slipping_per_epoch"]) == 4  # scored at the start of each of the round's epochs
 
     before, _ = load_model(member / "model_before_refine.pt")
     after, _ = load_model(member / "model.pt")
@@ -265,6 +267,10 @@ def test_refine_round_learns_from_its_own_false_positives_on_training_scans_only
     assert np.mean(scores_after) < np.mean(scores_before) - 0.03
     weights = [(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()) if a.is_floating_point()]
     assert not all(torch.allclose(a, b) for a, b in weights)
+    # done.json's record of the training CMBs after the round is the refined member's own score
+    peaks = training_cmb_peaks(after, exp.training_volumes(split["train"]))
+    assert done["refine"]["training_cmb_peak_min"] == pytest.approx(float(peaks.min()), abs=1e-3)
+    assert len(done["refine"]["training_cmbs_below_0.5"]) == int((peaks < 0.5).sum())
 
 
 def test_options_off_keep_the_settings_hash_of_runs_from_before_them(tmp_path: Path, tiny_synthetic: Path) -> None:
@@ -297,6 +303,12 @@ def test_options_off_keep_the_settings_hash_of_runs_from_before_them(tmp_path: P
     with_transplant = exp.member_settings_hash("unet", 0, 20)
     cfg.model.transplant.sites = ["mimic"]
     assert len({refined, with_transplant, exp.member_settings_hash("unet", 0, 20)}) == 3
+    cfg.model.refine.sampling = {"mimic": 1.0}
+    with open_dict(cfg):
+        cfg.model.refine.replay = None  # replay off: the same member as a run from before the option
+    assert exp.member_settings_hash("unet", 0, 20) == refined
+    cfg.model.refine.replay = {"below": 0.5, "share": 0.5}
+    assert exp.member_settings_hash("unet", 0, 20) != refined
 
 
 def test_a_capped_member_is_set_aside_and_trained_again_with_another_seed(tmp_path: Path, tiny_synthetic: Path) -> None:

@@ -95,7 +95,9 @@ class PatchDataset(Dataset):
     "vessel", "mimic"; kinds with nothing to draw from are skipped), a volume and a centre,
     then augments. A "transplant" is a training CMB (any volume's) laid onto a centre drawn
     from the `transplant_sites` pools, darkened by ratio**gamma with gamma uniform in
-    `transplant_gamma`; it is a positive. Returns {"image": (1, 20, 20, 16) float32,
+    `transplant_gamma`; it is a positive. `positive_weights` (one per training CMB, in the
+    order of `cmb.models.health.cmb_windows`): relative draw weights of the positives
+    (None: uniform). Returns {"image": (1, 20, 20, 16) float32,
     "target": (1, 20, 20, 16) float32, "label": () float32 (1 for a CMB-centred window)}.
     """
 
@@ -104,7 +106,8 @@ class PatchDataset(Dataset):
 
     def __init__(self, volumes: list[TrainingVolume], n_samples: int, mix: dict[str, float], seed: int = 0,
                  max_shift: int = 1, flip: bool = True, rotate: bool = True, negative_shift: int | None = None,
-                 transplant_sites: tuple[str, ...] = ("dark", "mimic"), transplant_gamma: tuple[float, float] = (0.75, 1.25)) -> None:
+                 transplant_sites: tuple[str, ...] = ("dark", "mimic"), transplant_gamma: tuple[float, float] = (0.75, 1.25),
+                 positive_weights: np.ndarray | None = None) -> None:
         if not volumes:
             raise ValueError("PatchDataset needs at least one training volume")
         self.volumes = volumes
@@ -121,6 +124,13 @@ class PatchDataset(Dataset):
             "positive": [(v, c) for v, vol in enumerate(volumes) for c in vol.cmb_centres],
             "mimic": [(v, c) for v, vol in enumerate(volumes) for c in vol.mimics],
         }
+        self.positive_p = None  # None: positives uniform over all training CMBs
+        if positive_weights is not None:
+            w = np.asarray(positive_weights, dtype=float)
+            if w.shape != (len(self._pools["positive"]),) or np.any(w < 0) or w.sum() <= 0:
+                raise ValueError(f"positive_weights needs one weight >= 0 per training CMB ({len(self._pools['positive'])}), "
+                                 f"not all 0; got shape {w.shape}")
+            self.positive_p = w / w.sum()
         weights = {k: float(mix.get(k, 0.0)) if k == "transplant" or self._has(k) else 0.0 for k in self.KINDS}
         bad_sites = set(transplant_sites) - set(self.POOL_ATTR)
         if bad_sites:
@@ -156,7 +166,11 @@ class PatchDataset(Dataset):
         kind = self.kinds[int(rng.choice(len(self.kinds), p=self.probs))]
         pool = self.transplant_sites[int(rng.integers(len(self.transplant_sites)))] if kind == "transplant" else kind
         if pool in self._pools:
-            v, centre = self._pools[pool][int(rng.integers(len(self._pools[pool])))]
+            if pool == "positive" and self.positive_p is not None:
+                pick = int(rng.choice(len(self.positive_p), p=self.positive_p))
+            else:
+                pick = int(rng.integers(len(self._pools[pool])))
+            v, centre = self._pools[pool][pick]
             return kind, v, np.asarray(centre)
         attr = self.POOL_ATTR[pool]
         candidates = [i for i, vol in enumerate(self.volumes) if len(getattr(vol, attr))]

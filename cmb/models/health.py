@@ -6,6 +6,11 @@ is *not* a CMB and gives a fixed bias elsewhere. Such a member still lowers the 
 but halves the ensemble's scores and floods stage 1 with large low-confidence components
 (paper preset, seed 1: 2 of 32 members). It is obvious on the member's own training CMBs,
 which a healthy member scores ~1.0.
+
+The same scores guard the hard-negative round (`replay_weights`): trained on its own false
+positives, a member can unlearn a training CMB that looks like them (paper preset, seed 1: a
+2 mm CMB on the rim of an iron-dark nucleus, 0.57-1.0 before the round, <= 0.1 after it in 11
+of the 14 members that trained on it); the round then draws such CMBs more often.
 """
 
 from __future__ import annotations
@@ -49,3 +54,15 @@ def training_cmb_peaks(net: nn.Module, volumes: list[TrainingVolume], batch: int
 def is_capped(peaks: np.ndarray, min_median_peak: float) -> bool:
     """True when the member's median peak on its training CMBs is below `min_median_peak`."""
     return len(peaks) > 0 and float(np.median(peaks)) < min_median_peak
+
+
+def replay_weights(slipping: np.ndarray, share: float) -> np.ndarray | None:
+    """Draw weights of the training CMBs for the next epoch of a hard-negative round, (N,).
+
+    The CMBs flagged in `slipping` (N,) bool get `share` of all positive draws between them,
+    on top of the uniform rest; None (uniform draws) when none is flagged.
+    """
+    slipping = np.asarray(slipping, dtype=bool)
+    if not slipping.any():
+        return None
+    return (1.0 - share) / len(slipping) + share * slipping / slipping.sum()

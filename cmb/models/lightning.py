@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import nn
@@ -68,20 +69,24 @@ class PatchDataModule(pl.LightningDataModule):
 
     Use with `reload_dataloaders_every_n_epochs=1` so each epoch (and a resumed run) draws new samples.
     `transplant`: {"sites": [...], "gamma": [lo, hi]} for the mix's "transplant" windows (PatchDataset).
+    `positive_weights`: called at the start of every epoch; returns the positives' draw weights
+    for that epoch (PatchDataset) or None (uniform).
     """
 
     def __init__(self, volumes: list[TrainingVolume], batch_size: int, steps_per_epoch: int, mix: dict[str, float], seed: int = 0,
                  max_shift: int = 1, negative_shift: int | None = None, num_workers: int = 0,
-                 transplant: dict[str, Any] | None = None) -> None:
+                 transplant: dict[str, Any] | None = None, positive_weights: Callable[[], np.ndarray | None] | None = None) -> None:
         super().__init__()
         self.volumes, self.batch_size, self.steps_per_epoch = volumes, batch_size, steps_per_epoch
         self.mix, self.seed, self.max_shift, self.negative_shift, self.num_workers = dict(mix), seed, max_shift, negative_shift, num_workers
         self.transplant = {f"transplant_{k}": tuple(v) for k, v in (transplant or {}).items()}  # sites, gamma (PatchDataset)
+        self.positive_weights = positive_weights
 
     def train_dataloader(self) -> DataLoader:
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         dataset = PatchDataset(self.volumes, self.steps_per_epoch * self.batch_size, self.mix, seed=self.seed,
-                               max_shift=self.max_shift, negative_shift=self.negative_shift, **self.transplant)
+                               max_shift=self.max_shift, negative_shift=self.negative_shift, **self.transplant,
+                               positive_weights=self.positive_weights() if self.positive_weights else None)
         dataset.set_epoch(epoch)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers, drop_last=True,
                           persistent_workers=False)
