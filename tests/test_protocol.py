@@ -237,7 +237,7 @@ def test_refine_round_learns_from_its_own_false_positives_on_training_scans_only
     mimic_only = [f"model.refine.sampling.{k}={1.0 if k == 'mimic' else 0.0}" for k in ("positive", "random", "dark", "vessel", "mimic")]
     cfg = _compose([*SMOKE, f"paths.cache_dir={tiny_synthetic}", f"paths.runs_dir={tmp_path}", "name=refine", "logger=csv",
                     "model.max_steps=40", "model.steps_per_epoch=10", "model.refine.steps=40", "model.refine.threshold=0.2", "model.refine.lr=0.003",
-                    "model.refine.max_scans=null", *mimic_only])
+                    "model.refine.max_scans=null", "model.refine.replay={below: 0.5, share: 0.5}", *mimic_only])
     exp = Experiment(cfg)
     member = exp.train_member("unet", 0, 20)
     split = exp.fold_split(0)
@@ -333,3 +333,22 @@ def test_a_capped_member_is_set_aside_and_trained_again_with_another_seed(tmp_pa
     member = Experiment(cfg).train_member("unet", 0, 20)
     done = json.loads((member / "done.json").read_text())
     assert "rejected_attempts" not in done and "capped" not in done and not list(member.glob("rejected_attempt_*"))
+
+
+@pytest.mark.slow
+def test_the_round_starts_from_the_member_a_run_without_it_trains(tmp_path: Path, tiny_synthetic: Path) -> None:
+    """model_before_refine.pt is the member `model.refine.steps=0` trains (same seed, same first round), so the
+    stage-1 result of a run without the round can be read off a run with it."""
+    from cmb.models.checkpoint import load_model
+    from cmb.pipeline import Experiment
+
+    common = [*SMOKE, f"paths.cache_dir={tiny_synthetic}", f"paths.runs_dir={tmp_path}", "logger=csv", "model.max_steps=6",
+              "model.steps_per_epoch=3"]
+    plain = Experiment(_compose([*common, "name=plain", "model.refine.steps=0"])).train_member("unet", 0, 20)
+    refined = Experiment(_compose([*common, "name=refined", "model.refine.steps=3", "model.refine.threshold=0.2"])).train_member("unet", 0, 20)
+    without, _ = load_model(plain / "model.pt")
+    before, _ = load_model(refined / "model_before_refine.pt")
+    after, _ = load_model(refined / "model.pt")
+    for key, value in without.state_dict().items():
+        torch.testing.assert_close(before.state_dict()[key], value, rtol=0, atol=0)
+    assert any(not torch.equal(after.state_dict()[k], v) for k, v in without.state_dict().items() if v.is_floating_point())
