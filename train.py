@@ -41,12 +41,10 @@ def main(cfg: DictConfig) -> float | None:
         exp.run_fold(fold)
         print(f"fold {fold} finished in {exp.fold_dir(fold)}")
     elif stage == "all":
+        from cmb.eval.evaluate import summary_lines
+
         results = exp.run_all()
-        ch = results["chosen_operating_point"]
-        print(f"stage 1 @ {results['stage1']['threshold']}: sensitivity {results['stage1']['sensitivity']:.3f} at "
-              f"{results['stage1']['fp_per_scan']:.2f} FP/scan (out-of-fold)")
-        print(f"two-stage @ {ch['threshold']}: sensitivity {ch['sensitivity']:.3f} at {ch['fp_per_scan']:.2f} FP/scan; "
-              f"CPM {results['froc']['cpm']:.3f}")
+        print(summary_lines(results))
         print(f"report: {exp.run_dir / 'report.md'}")
         print(f"FROC plot: {exp.run_dir / 'froc.png'}")
         return float(results["froc"]["cpm"])

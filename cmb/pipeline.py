@@ -8,8 +8,12 @@ Run folder (`paths.run_dir`):
         false positives on its training scans; model_before_refine.pt; refine/ (checkpoints,
         logs) and refine_metrics.csv of the hard-negative round; model.pt is the refined net)
     fold_<k>/mimics/<scan>.csv       mined stage-1 false positives (training scans of fold k)
-    fold_<k>/stage1/<scan>.csv       stage-1 candidates of the held-out scans (out-of-fold)
-    fold_<k>/oof/<scan>.csv          those candidates with stage-2 scores and CMB hits
+    fold_<k>/stage1/<scan>.csv       stage-1 candidates of the held-out scans (out-of-fold): components of the
+                                     combined map at inference.stage1_threshold, as infer.py extracts them
+    fold_<k>/oof/<scan>.csv          every one of those candidates with its stage-2 score and CMB hits
+    fold_<k>/{stage1,oof}/settings.json  the settings those files came from (other settings: recomputed)
+    fold_<k>/paper_mining/<scan>.csv (mining.mode=paper only) held-out components at mining.threshold
+    fold_<k>/truth/<scan>.json       the held-out scans' CMBs (count, centroids, diameters)
     fold_final/...                   the same members trained on every scan (for infer.py)
     results.json, froc.png, report.md, operating_points.csv  (cmb.eval)
 Members with a done.json are skipped, so re-running resumes; an unfinished member
@@ -43,9 +47,10 @@ from cmb.data.scan import Scan
 from cmb.data.splits import make_or_load_splits, select_fold
 from cmb.errors import CMBError, ConfigError
 from cmb.eval.matching import Truth, hit_sets
+from cmb.eval.run_files import SETTINGS_FILE, candidate_settings
 from cmb.inference.candidates import Candidate, extract_candidates, read_candidates, write_candidates
 from cmb.inference.stage1 import Stage1InferenceConfig, ensemble_probability, predict_probability
-from cmb.inference.stage2 import score_points
+from cmb.inference.stage2 import score_candidates
 from cmb.models.checkpoint import load_model, save_model
 from cmb.models.health import is_capped, replay_weights, training_cmb_peaks
 from cmb.models.lightning import PatchDataModule, Stage1Module, Stage2Module
@@ -305,7 +310,7 @@ class Experiment:
         return record
 
     def false_positives(self, prob: np.ndarray, threshold: float, scan: Scan) -> list[Candidate]:
-        """Components of `prob >= threshold` that hit no CMB of `scan` (matching rule of design.md)."""
+        """Components of `prob >= threshold` that hit no CMB of `scan` (matching rule of docs/design.md)."""
         cands = extract_candidates(prob, threshold, scan.affine, scan.scan_id)
         hits = hit_sets(np.array([c.voxel for c in cands]).reshape(-1, 3), scan_truth(scan), float(self.cfg.eval.match_radius_mm))
         return [c for c, h in zip(cands, hits) if not h]
@@ -375,11 +380,11 @@ class Experiment:
                 mimics = self.false_positives(self.stage1_map(nets, pre), thr, scan)  # type: ignore[arg-type]
             elif mode == "paper":
                 source = self.heldout_fold_of(scan_id)
-                path = self.fold_dir(source) / "stage1" / f"{scan_id}.csv"
+                path = self.fold_dir(source) / "paper_mining" / f"{scan_id}.csv"
                 if not path.is_file():
-                    raise MissingPrerequisite(f"{path}: paper-style mining needs the out-of-fold stage-1 candidates of fold {source}")
+                    raise MissingPrerequisite(f"{path}: paper-style mining needs the out-of-fold stage-1 components of fold {source}")
                 cands, rows = read_candidates(path)
-                mimics = [c for c, r in zip(cands, rows) if c.peak >= thr and not r["hits"]]
+                mimics = [c for c, r in zip(cands, rows) if not r["hits"]]
             else:
                 raise ConfigError(f"mining.mode must be 'leak_free' or 'paper', got {mode!r}")
             write_candidates(mimics, out / f"{scan_id}.csv")
@@ -392,49 +397,77 @@ class Experiment:
                 return int(f["fold"])
         raise ConfigError(f"scan {scan_id} is in no fold's held-out set")
 
+    def _fresh_output_folder(self, fold: int, folder: str) -> Path:
+        """`fold_<k>/<folder>`, emptied (with a warning) when its files came from other settings, then stamped
+        with the current ones: derived files are recomputed, never reported on stale settings."""
+        out = self.fold_dir(fold) / folder
+        settings = candidate_settings(self.cfg, folder)
+        stamp = out / SETTINGS_FILE
+        if out.is_dir() and any(out.glob("*.csv")):
+            saved = json.loads(stamp.read_text()) if stamp.is_file() else None
+            if saved != settings:
+                log.warning("%s: out-of-fold files from other settings (%s); recomputing them with %s", out,
+                            "written before candidate settings were recorded" if saved is None else saved, settings)
+                for old in out.glob("*.csv"):
+                    old.unlink()
+        atomic_write_text(json.dumps(settings, indent=1), stamp)
+        return out
+
     def stage1_heldout(self, fold: int) -> None:
-        """Out-of-fold stage-1 candidates (>= the lowest threshold used) of the fold's held-out scans."""
-        out = self.fold_dir(fold) / "stage1"
-        todo = [s for s in self.fold_split(fold)["test"] if not (out / f"{s}.csv").is_file()]
+        """Out-of-fold stage-1 candidates of the fold's held-out scans: components of the combined map at
+        `inference.stage1_threshold`, exactly as infer.py extracts them (cmb.inference.candidates)."""
+        out = self._fresh_output_folder(fold, "stage1")
+        paper_mining = str(self.cfg.mining.mode) == "paper"
+        mining_out = self._fresh_output_folder(fold, "paper_mining") if paper_mining else None
+        todo = [s for s in self.fold_split(fold)["test"] if not (out / f"{s}.csv").is_file()
+                or (mining_out is not None and not (mining_out / f"{s}.csv").is_file())]
         if not todo:
             return
         nets = self.members("unet", fold)
-        thr = min(float(self.cfg.mining.threshold), float(self.cfg.inference.stage1_threshold), float(self.cfg.inference.candidate_threshold))
+        thr = float(self.cfg.inference.stage1_threshold)
+        radius = float(self.cfg.eval.match_radius_mm)
         for scan_id in todo:
             scan, pre = self.load_scan(scan_id)
             t = time.perf_counter()
-            cands = extract_candidates(self.stage1_map(nets, pre), thr, scan.affine, scan_id)
+            prob = self.stage1_map(nets, pre)
+            cands = extract_candidates(prob, thr, scan.affine, scan_id)
             self.add_time("stage1_inference", time.perf_counter() - t, "n_stage1_scans")
             points = np.array([c.voxel for c in cands]).reshape(-1, 3)
-            write_candidates(cands, out / f"{scan_id}.csv", {"hits": hits_column(points, scan_truth(scan), float(self.cfg.eval.match_radius_mm))})
+            write_candidates(cands, out / f"{scan_id}.csv", {"hits": hits_column(points, scan_truth(scan), radius)})
+            if mining_out is not None:  # the paper's mimics: held-out false positives at the mining threshold
+                pool = extract_candidates(prob, float(self.cfg.mining.threshold), scan.affine, scan_id)
+                pool_points = np.array([c.voxel for c in pool]).reshape(-1, 3)
+                write_candidates(pool, mining_out / f"{scan_id}.csv", {"hits": hits_column(pool_points, scan_truth(scan), radius)})
             self.write_truth(fold, scan)
 
     def write_truth(self, fold: int, scan: Scan) -> None:
+        """`fold_<k>/truth/<scan>.json`: the CMB count, centroids and, from label components, each CMB's
+        equivalent-sphere diameter in mm (null for centroid-only truth)."""
         path = self.fold_dir(fold) / "truth" / f"{scan.scan_id}.json"
+        voxel_mm3 = float(np.prod(scan.spacing_mm))
+        diameters = [round(float((6 * c.n_voxels * voxel_mm3 / np.pi) ** (1 / 3)), 3) if scan.instances is not None and c.n_voxels > 0
+                     else None for c in scan.cmbs]
         atomic_write_text(json.dumps({"scan_id": scan.scan_id, "fold": fold, "n_cmbs": len(scan.cmbs),
-                                      "centroids_vox": scan.centroids_vox.round(3).tolist()}), path)
+                                      "centroids_vox": scan.centroids_vox.round(3).tolist(), "diameters_mm": diameters}), path)
 
     def stage2_heldout(self, fold: int) -> None:
-        """Score the held-out candidates (stage-1 peak >= stage-1 threshold) with the fold's CNNs."""
-        out = self.fold_dir(fold) / "oof"
+        """Score every out-of-fold stage-1 candidate with the fold's CNNs (as infer.py does; the stage-2
+        threshold is applied only when evaluating or deploying)."""
+        stage1 = self._fresh_output_folder(fold, "stage1")
+        out = self._fresh_output_folder(fold, "oof")
         todo = [s for s in self.fold_split(fold)["test"] if not (out / f"{s}.csv").is_file()]
         if not todo:
             return
         nets = self.members("cnn", fold)
-        thr = float(self.cfg.inference.stage1_threshold)
         for scan_id in todo:
-            cands, rows = read_candidates(self.fold_dir(fold) / "stage1" / f"{scan_id}.csv")
-            keep = [n for n, c in enumerate(cands) if c.peak >= thr]
+            if not (stage1 / f"{scan_id}.csv").is_file():
+                raise MissingPrerequisite(f"{stage1 / scan_id}.csv: no stage-1 candidates; run `python train.py stage=fold fold={fold}`")
+            cands, rows = read_candidates(stage1 / f"{scan_id}.csv")
             _, pre = self.load_scan(scan_id)
             t = time.perf_counter()
-            scores = score_points(nets, np.asarray(pre.image), np.array([cands[n].voxel for n in keep]).reshape(-1, 3),
-                                  tta=bool(self.cfg.inference.stage2_tta), device=self.device)
+            scored = score_candidates(nets, np.asarray(pre.image), cands, tta=bool(self.cfg.inference.stage2_tta), device=self.device)
             self.add_time("stage2_inference", time.perf_counter() - t, "n_stage2_scans")
-            kept = []
-            for n, s in zip(keep, scores):
-                cands[n].score = float(s)
-                kept.append(cands[n])
-            write_candidates(kept, out / f"{scan_id}.csv", {"hits": [rows[n]["hits"] for n in keep]})
+            write_candidates(scored, out / f"{scan_id}.csv", {"hits": [r["hits"] for r in rows]})
 
     # ---------------------------------------------------------------- whole protocol
     def run_fold(self, fold: int | str) -> None:

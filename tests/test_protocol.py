@@ -166,7 +166,7 @@ def test_infer_outputs_map_back_to_the_planted_cmb(finished_run: Path, tmp_path:
     from scipy import ndimage
 
     from cmb.inference import predictor as pred
-    from cmb.inference import stage1
+    from cmb.inference import stage1, stage2
 
     cmb_vox, affine = _lps_scan_with_cmb(tmp_path / "new.nii.gz")
 
@@ -175,7 +175,7 @@ def test_infer_outputs_map_back_to_the_planted_cmb(finished_run: Path, tmp_path:
         return np.where(mask, 1 / (1 + np.exp((local - 0.3) * 40)), 0).astype(np.float32)
 
     monkeypatch.setattr(stage1, "predict_probability", dark_spot_map)
-    monkeypatch.setattr(pred, "score_points", lambda nets, image, points, **kw: np.linspace(0.99, 0.5, len(points)).astype(np.float32))
+    monkeypatch.setattr(stage2, "score_points", lambda nets, image, points, **kw: np.linspace(0.99, 0.5, len(points)).astype(np.float32))
     predictor = pred.Predictor(finished_run, threshold=0.0, cache_dir=tmp_path / "cache", progress=False)
     det = predictor.predict_scan(tmp_path / "new.nii.gz")
     written = pred.write_outputs(det, tmp_path / "out")
@@ -214,6 +214,38 @@ def test_infer_cli_skips_a_bad_file_and_keeps_the_others(finished_run: Path, tmp
     again = run_cli([f"model_dir={finished_run}", f"input={inputs / 'good.nii.gz'}", f"output={tmp_path / 'out'}"],
                     tiny_synthetic_module, script="infer.py")
     assert again.returncode == 2 and "output exists already" in again.stderr
+
+
+@pytest.mark.slow
+def test_infer_on_a_heldout_scan_writes_exactly_its_out_of_fold_detections(finished_run: Path, tmp_path: Path,
+                                                                           tiny_synthetic_module: Path) -> None:
+    """Evaluation equals deployment: infer.py with fold k's members on a scan that fold k held out writes the
+    rows of that scan's out-of-fold CSV whose stage-2 score reaches the threshold: same positions, stage-1
+    peaks and stage-2 scores, none added, none lost."""
+    import csv
+
+    splits = json.loads((finished_run / "splits.json").read_text())
+    root = next((tiny_synthetic_module / "synthetic").glob("tiny-seed0-*"))
+    checked = 0
+    for fold in splits["folds"]:
+        for scan_id in fold["test"]:
+            with open(finished_run / f"fold_{fold['fold']}" / "oof" / f"{scan_id}.csv", newline="") as handle:
+                oof = list(csv.DictReader(handle))
+            for threshold in (0.0, 0.4):
+                out_dir = tmp_path / f"{scan_id}_{threshold}"
+                out = run_cli([f"model_dir={finished_run}", f"fold={fold['fold']}", f"input={root / 'images' / f'{scan_id}.nii.gz'}",
+                               f"output={out_dir}", f"threshold={threshold}", "progress=false"], tiny_synthetic_module, script="infer.py")
+                assert out.returncode == 0, out.stderr[-2000:]
+                with open(out_dir / f"{scan_id}_detections.csv", newline="") as handle:
+                    deployed = list(csv.DictReader(handle))
+                expected = sorted((r for r in oof if float(r["score"]) >= threshold), key=lambda r: -float(r["score"]))
+                assert len(deployed) == len(expected)
+                for d, e in zip(deployed, expected):
+                    assert float(d["score"]) == float(e["score"]) and float(d["stage1_score"]) == float(e["peak"])
+                    for axis in ("x_mm", "y_mm", "z_mm"):
+                        assert float(d[axis]) == pytest.approx(float(e[axis]), abs=1e-3)
+                checked += len(deployed)
+    assert checked > 0
 
 
 # ----------------------------------------------------------------------------- stage-1 hard-negative round

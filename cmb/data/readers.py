@@ -1,4 +1,4 @@
-"""Dataset layouts (see design.md): each yields `Scan` records with CMB instances.
+"""Dataset layouts (see the README and docs/design.md): each yields `Scan` records with CMB instances.
 
 Every reader lists scan ids cheaply, checks the layout up front and loads scans lazily;
 problems raise `DataError` naming the file.

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from cmb.errors import CMBError
-from cmb.eval.evaluate import evaluate_run
+from cmb.eval.evaluate import evaluate_run, summary_lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,11 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     except CMBError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    ch = results["chosen_operating_point"]
-    print(f"stage 1 @ {results['stage1']['threshold']}: sensitivity {results['stage1']['sensitivity']:.3f}, "
-          f"{results['stage1']['fp_per_scan']:.2f} FP/scan")
-    print(f"two-stage @ {ch['threshold']}: sensitivity {ch['sensitivity']:.3f}, {ch['fp_per_scan']:.2f} FP/scan; CPM {results['froc']['cpm']:.3f}")
-    print(f"written: {args.run_dir}/results.json, report.md, froc.png")
+    print(summary_lines(results))
+    print(f"written: {args.run_dir}/results.json, operating_points.csv, report.md, froc.png")
     return 0
 
 

@@ -25,6 +25,11 @@ class FROCCurve:
     fp_per_scan: np.ndarray
     sensitivity: np.ndarray
 
+    @property
+    def max_fp_per_scan(self) -> float:
+        """The largest FP/scan the curve reaches (its lowest threshold); beyond it sensitivity is held."""
+        return float(self.fp_per_scan[-1])
+
 
 def froc_curve(scores: np.ndarray, status: np.ndarray, n_cmbs: int, n_scans: int) -> FROCCurve:
     """Sensitivity vs FP/scan over all score thresholds (every distinct score, ties together)."""
@@ -47,20 +52,30 @@ def sensitivity_at(curve: FROCCurve, fp_rate: float) -> float:
     Where several points share an FP rate (a vertical step), the segment to the left
     ends at the step's top and the segment to the right starts at its bottom, so no
     sensitivity is credited before the threshold that reaches it. Past the curve's
-    last point the sensitivity stays at its final value.
+    last point the sensitivity stays at its final value (the LUNA16/MONAI convention;
+    `curve.max_fp_per_scan` says where the curve ends).
     """
-    fps, sens = curve.fp_per_scan, curve.sensitivity
-    uniq = np.unique(fps)
-    top = np.array([sens[fps == u].max() for u in uniq])
-    bottom = np.array([sens[fps == u].min() for u in uniq])
-    if fp_rate >= uniq[-1]:
-        return float(top[-1])
-    right = int(np.searchsorted(uniq, fp_rate, side="right"))
-    left = right - 1
-    if uniq[left] == fp_rate:
-        return float(top[left])
-    frac = (fp_rate - uniq[left]) / (uniq[right] - uniq[left])
-    return float(top[left] + frac * (bottom[right] - top[left]))
+    return float(sensitivities_at(curve, np.array([fp_rate], dtype=float))[0])
+
+
+def sensitivities_at(curve: FROCCurve, fp_rates: np.ndarray) -> np.ndarray:
+    """`sensitivity_at` for many rates at once (vectorized: the bootstrap calls it thousands of times)."""
+    fps, sens = curve.fp_per_scan, curve.sensitivity  # both non-decreasing along the curve
+    uniq, first = np.unique(fps, return_index=True)
+    last = np.r_[first[1:], len(fps)] - 1
+    top, bottom = sens[last], sens[first]
+    rates = np.asarray(fp_rates, dtype=float)
+    right = np.searchsorted(uniq, rates, side="right")
+    left = np.maximum(right - 1, 0)
+    out = np.empty(len(rates))
+    past = right >= len(uniq)
+    out[past] = top[-1]
+    inside = ~past
+    l, r = left[inside], right[inside]
+    exact = uniq[l] == rates[inside]
+    frac = np.where(exact, 0.0, (rates[inside] - uniq[l]) / np.where(exact, 1.0, uniq[r] - uniq[l]))
+    out[inside] = np.where(exact, top[l], top[l] + frac * (bottom[r] - top[l]))
+    return out
 
 
 def best_curve_point(curve: FROCCurve, max_fp_per_scan: float) -> dict:
@@ -77,8 +92,9 @@ def best_curve_point(curve: FROCCurve, max_fp_per_scan: float) -> dict:
 
 def cpm(curve: FROCCurve, rates: tuple[float, ...] = CPM_RATES) -> tuple[float, dict[str, float]]:
     """Competition performance metric: mean sensitivity at 1/8 ... 8 FP/scan."""
-    at = {_rate_key(r): sensitivity_at(curve, r) for r in rates}
-    return float(np.mean(list(at.values()))), at
+    values = sensitivities_at(curve, np.asarray(rates, dtype=float))
+    at = {_rate_key(r): float(v) for r, v in zip(rates, values)}
+    return float(np.mean(values)), at
 
 
 def _rate_key(rate: float) -> str:
@@ -105,3 +121,14 @@ def best_threshold(points: list[dict], max_fp_per_scan: float) -> dict | None:
     if not ok:
         return None
     return max(ok, key=lambda p: (p["sensitivity"], p["threshold"]))
+
+
+def choose_operating_point(points: list[dict], max_fp_per_scan: float) -> dict:
+    """`best_threshold`, labelled: `within_budget` is False (and `rule` says so) when no threshold of
+    the sweep reaches <= max FP/scan; the point is then the sweep's fewest-FP one (highest threshold)."""
+    best = best_threshold(points, max_fp_per_scan)
+    if best is not None:
+        return {**best, "within_budget": True, "rule": f"highest sensitivity at <= {max_fp_per_scan:g} FP/scan"}
+    fewest = min(points, key=lambda p: (p["fp_per_scan"], -p["threshold"]))
+    return {**fewest, "within_budget": False,
+            "rule": f"no threshold reaches <= {max_fp_per_scan:g} FP/scan; fewest false positives of the sweep instead"}

@@ -1,4 +1,11 @@
-"""Candidates: connected components of a thresholded probability map."""
+"""Candidates: connected components of a thresholded probability map.
+
+`extract_candidates` is the one definition of a stage-1 candidate used everywhere: out-of-fold
+detection and `infer.py` (at `inference.stage1_threshold`), mimic mining (at
+`mining.threshold`) and the U-Nets' hard-negative round (at `model.refine.threshold`) all call
+it on the combined (or one member's) map. A candidate is one 26-connected component of
+`map >= threshold`, placed at its score-weighted centroid, scored by its peak.
+"""
 
 from __future__ import annotations
 
@@ -83,7 +90,9 @@ def write_candidates(cands: list[Candidate], path: str | Path, extra: dict[str, 
 
 
 def _fmt(value: object) -> str:
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
+    """Floats at full precision (shortest round-trip repr): saturated peaks such as 0.9999996 and
+    0.9999999 must stay distinct for the FROC, and positions must read back to the same voxel."""
+    return repr(float(value)) if isinstance(value, (float, np.floating)) else str(value)
 
 
 def read_candidates(path: str | Path) -> tuple[list[Candidate], list[dict[str, str]]]:

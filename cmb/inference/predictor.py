@@ -1,7 +1,7 @@
 """Detection on new scans with a trained run: preprocessing, both ensembles, outputs.
 
 Every front door (file, folder) funnels into `Predictor.predict_scan`.
-Outputs per scan (design.md): `<id>_detections.csv`, `<id>_stage1_prob.nii.gz` (input's
+Outputs per scan (docs/design.md): `<id>_detections.csv`, `<id>_stage1_prob.nii.gz` (input's
 own grid and affine) and `<id>_detections.mrk.json` (3D Slicer markups).
 """
 
@@ -25,9 +25,10 @@ from cmb.data.io import from_canonical, is_nifti_name, mm_to_vox, nifti_stem, vo
 from cmb.data.preprocess import PreprocessConfig, preprocess_scan
 from cmb.data.readers import build_scan
 from cmb.errors import ConfigError, DataError
+from cmb.eval.matching import detection_order
 from cmb.inference.candidates import extract_candidates
 from cmb.inference.stage1 import Stage1InferenceConfig, ensemble_probability
-from cmb.inference.stage2 import score_points
+from cmb.inference.stage2 import score_candidates
 from cmb.models.checkpoint import load_model
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class ScanDetections:
     scan_id: str
     voxels: np.ndarray  # (N, 3) float, input grid
     mm: np.ndarray  # (N, 3)
-    scores: np.ndarray  # (N,) stage-2 ensemble probability
+    scores: np.ndarray  # (N,) stage-2 ensemble probability (descending; ties by canonical position)
     stage1_scores: np.ndarray  # (N,) combined stage-1 peak
     prob_map: np.ndarray  # float32, input grid
     affine: np.ndarray  # input affine
@@ -101,7 +102,8 @@ class Predictor:
         chosen = json.loads(results.read_text()).get("chosen_operating_point")
         if not chosen:
             raise ConfigError(f"{results} has no chosen_operating_point; pass threshold=X")
-        log.info("operating threshold %.2f from the out-of-fold sweep (%s)", chosen["threshold"], chosen.get("rule", ""))
+        log.info("operating threshold %g from the out-of-fold sweep (%s; chosen on all out-of-fold scans)", chosen["threshold"],
+                 chosen.get("rule", ""))
         return float(chosen["threshold"])
 
     def predict_scan(self, path: str | Path, scan_id: str | None = None) -> ScanDetections:
@@ -111,19 +113,18 @@ class Predictor:
         pre = preprocess_scan(scan, self.pre_cfg, self.cache_dir)
         t1 = time.perf_counter()
         image, mask = np.asarray(pre.image), np.asarray(pre.mask)
+        # the same candidates and scores as the run's out-of-fold files (cmb.pipeline: stage1_heldout, stage2_heldout)
         prob = ensemble_probability(self.unets, image, mask, self.stage1_cfg, str(self.run_cfg.inference.ensemble_normalize), self.device)
         cands = extract_candidates(prob, self.stage1_threshold, scan.affine, scan.scan_id)
         t2 = time.perf_counter()
-        points = np.array([c.voxel for c in cands]).reshape(-1, 3)
-        scores = score_points(self.cnns, image, points, tta=bool(self.run_cfg.inference.stage2_tta), device=self.device)
+        scored = score_candidates(self.cnns, image, cands, tta=bool(self.run_cfg.inference.stage2_tta), device=self.device)
         t3 = time.perf_counter()
-        keep = scores >= self.threshold
-        order = np.argsort(-scores[keep], kind="stable")
-        canon = points[keep][order]
-        mm = vox_to_mm(canon, scan.affine)
+        kept = [c for c in scored if c.score >= self.threshold]
+        kept = [kept[n] for n in detection_order(np.array([c.score for c in kept]), np.array([c.voxel for c in kept]).reshape(-1, 3))]
+        mm = vox_to_mm(np.array([c.voxel for c in kept]).reshape(-1, 3), scan.affine)
         assert scan.source_affine is not None and scan.to_canonical is not None
         src_vox = mm_to_vox(mm, scan.source_affine)
-        return ScanDetections(scan.scan_id, src_vox, mm, scores[keep][order], np.array([c.peak for c in cands])[keep][order],
+        return ScanDetections(scan.scan_id, src_vox, mm, np.array([c.score for c in kept]), np.array([c.peak for c in kept]),
                               from_canonical(prob, scan.to_canonical), scan.source_affine,
                               {"preprocess": t1 - t0, "stage1": t2 - t1, "stage2": t3 - t2})
 
@@ -143,7 +144,8 @@ def write_outputs(det: ScanDetections, out_dir: Path, overwrite: bool = False) -
     try:
         rows = ["scan_id,i,j,k,x_mm,y_mm,z_mm,score,stage1_score"]
         for v, m, s, s1 in zip(det.voxels, det.mm, det.scores, det.stage1_scores):
-            rows.append(f"{det.scan_id},{v[0]:.2f},{v[1]:.2f},{v[2]:.2f},{m[0]:.2f},{m[1]:.2f},{m[2]:.2f},{s:.4f},{s1:.4f}")
+            # positions to 1/1000 voxel or mm; scores at full precision (they tie at 4 digits near 1)
+            rows.append(f"{det.scan_id},{v[0]:.3f},{v[1]:.3f},{v[2]:.3f},{m[0]:.3f},{m[1]:.3f},{m[2]:.3f},{float(s)!r},{float(s1)!r}")
         (tmp_dir / targets[0].name).write_text("\n".join(rows) + "\n")
         nib.save(nib.Nifti1Image(det.prob_map.astype(np.float32), det.affine), tmp_dir / targets[1].name)
         (tmp_dir / targets[2].name).write_text(json.dumps(slicer_markups(det), indent=1))

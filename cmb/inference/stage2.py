@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 from torch import nn
 
 from cmb import WINDOW
 from cmb.data.augment import centred_window
+from cmb.inference.candidates import Candidate
 
 
 @torch.no_grad()
@@ -37,3 +40,14 @@ def score_points(nets: list[nn.Module], image: np.ndarray, points_vox: np.ndarra
                 acc += torch.softmax(net(x).float(), dim=1)[:, 1].double()
             probs[start : start + len(batch)] += (acc / len(views)).cpu().numpy()
     return (probs / len(nets)).astype(np.float32)
+
+
+def score_candidates(nets: list[nn.Module], image: np.ndarray, candidates: list[Candidate], tta: bool = True,
+                     device: str | torch.device = "cpu") -> list[Candidate]:
+    """The candidates with `score` set to the ensemble's CMB probability (`score_points` at their voxels).
+
+    One function for out-of-fold detection and `infer.py`, so both score the same patches.
+    """
+    points = np.array([c.voxel for c in candidates], dtype=float).reshape(-1, 3)
+    scores = score_points(nets, image, points, tta=tta, device=device)
+    return [replace(c, score=float(s)) for c, s in zip(candidates, scores)]

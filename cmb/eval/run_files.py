@@ -1,0 +1,178 @@
+"""Read a run folder's out-of-fold files for evaluation, checking every value on the way in.
+
+Per held-out scan: `fold_<k>/truth/<scan>.json`, `fold_<k>/stage1/<scan>.csv` (stage-1
+candidates, scored by their peak) and `fold_<k>/oof/<scan>.csv` (the same candidates with
+stage-2 scores). A missing, empty, truncated or garbled file, a non-numeric, NaN or
+out-of-range score, a `hits` entry naming a CMB the truth does not have, or files written
+under other candidate settings raise `DataError` naming the file, before anything is written.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cmb.errors import DataError
+from cmb.eval.matching import assign
+
+POSITION_COLUMNS = ("i", "j", "k")
+SETTINGS_FILE = "settings.json"  # in fold_<k>/{stage1,oof,paper_mining}: the settings their files came from
+CANDIDATE_DEFINITION = "26-connected components of the combined stage-1 map >= stage1_threshold, score-weighted centroid, peak"
+
+
+def candidate_settings(cfg: Any, folder: str) -> dict[str, Any]:
+    """Settings that a run's out-of-fold files in `folder` (stage1, oof, paper_mining) depend on, besides its members."""
+    inf = cfg.inference
+    settings: dict[str, Any] = {"stage1_threshold": float(inf.stage1_threshold), "ensemble_normalize": str(inf.ensemble_normalize),
+                                "stage1_mode": str(inf.stage1.mode), "match_radius_mm": float(cfg.eval.match_radius_mm),
+                                "candidates": CANDIDATE_DEFINITION}
+    if folder == "oof":
+        settings["stage2_tta"] = bool(inf.stage2_tta)
+    if folder == "paper_mining":
+        settings["mining_threshold"] = float(cfg.mining.threshold)
+    return settings
+
+
+@dataclass
+class StageDetections:
+    """One scan's detections of one stage: scores (N,), canonical voxel positions (N, 3), matching status (N,)."""
+
+    scores: np.ndarray
+    points: np.ndarray
+    status: np.ndarray
+
+
+@dataclass
+class ScanRecord:
+    """Everything evaluation needs of one held-out scan."""
+
+    scan_id: str
+    fold: int
+    n_cmbs: int
+    diameters_mm: list[float | None]
+    stage1: StageDetections
+    two_stage: StageDetections
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def read_truth(path: Path) -> tuple[int, list[float | None]]:
+    """(number of CMBs, diameters in mm or None per CMB) from a truth JSON file."""
+    if not path.is_file():
+        raise DataError(path, "truth file missing; is the run finished?")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(path, f"truth file is not valid JSON ({err.__class__.__name__}: {err})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("n_cmbs"), int) or data["n_cmbs"] < 0:
+        raise DataError(path, "truth file has no non-negative integer n_cmbs")
+    n = int(data["n_cmbs"])
+    cents = data.get("centroids_vox")
+    if not isinstance(cents, list) or len(cents) != n:
+        raise DataError(path, f"truth file lists {0 if not isinstance(cents, list) else len(cents)} centroids for n_cmbs={n}")
+    diameters = data.get("diameters_mm")
+    if diameters is None:
+        diameters = [None] * n
+    if not isinstance(diameters, list) or len(diameters) != n or not all(
+            d is None or (isinstance(d, (int, float)) and math.isfinite(d) and d > 0) for d in diameters):
+        raise DataError(path, f"truth file's diameters_mm is not a list of {n} positive numbers (or nulls)")
+    return n, [None if d is None else float(d) for d in diameters]
+
+
+def _number(text: str | None, path: Path, line: int, column: str) -> float:
+    try:
+        value = float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise DataError(path, f"line {line}: {column} is not a number ({text!r})") from None
+    if not math.isfinite(value):
+        raise DataError(path, f"line {line}: {column} is {value}")
+    return value
+
+
+def read_detections(path: Path, score_column: str, n_cmbs: int) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
+    """(scores (N,), positions (N, 3) canonical voxels, hits per detection) of one candidates CSV.
+
+    Scores must lie in [0, 1]; `hits` entries (';'-separated CMB indices) must name CMBs
+    0..n_cmbs-1 of the scan's truth. A header without rows is a scan without candidates.
+    """
+    if not path.is_file():
+        raise DataError(path, "out-of-fold file missing; is the run finished?")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise DataError(path, "not a text CSV file") from None
+    if not text.strip():
+        raise DataError(path, "empty file (not even a header); delete it and re-run train.py to recompute it")
+    reader = csv.reader(text.splitlines())
+    header = next(reader)
+    needed = [*POSITION_COLUMNS, score_column, "hits"]
+    missing = [c for c in needed if c not in header]
+    if missing:
+        raise DataError(path, f"not a candidates file: missing column(s) {', '.join(missing)}")
+    index = {c: header.index(c) for c in needed}
+    scores, points, hits = [], [], []
+    for line, row in enumerate(reader, start=2):
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise DataError(path, f"line {line}: {len(row)} fields, expected {len(header)} (truncated or garbled file)")
+        score = _number(row[index[score_column]], path, line, score_column)
+        if not 0.0 <= score <= 1.0:
+            raise DataError(path, f"line {line}: {score_column} {score} is outside [0, 1]")
+        scores.append(score)
+        points.append([_number(row[index[c]], path, line, c) for c in POSITION_COLUMNS])
+        found = []
+        for part in row[index["hits"]].split(";"):
+            if part == "":
+                continue
+            if not part.strip().isdigit() or int(part) >= n_cmbs:
+                raise DataError(path, f"line {line}: hits names CMB {part!r}, but the scan's truth has {n_cmbs} CMB(s) (0..{n_cmbs - 1})")
+            found.append(int(part))
+        hits.append(found)
+    return np.array(scores, dtype=float), np.array(points, dtype=float).reshape(-1, 3), hits
+
+
+def check_settings(folder: Path, expected: dict[str, Any] | None) -> None:
+    """Refuse out-of-fold files written under other candidate settings than the run's config."""
+    if expected is None:
+        return
+    stamp = folder / SETTINGS_FILE
+    if not stamp.is_file():
+        raise DataError(folder, "out-of-fold files without settings.json (written by an older cmb, whose out-of-fold candidates were "
+                                "not the ones infer.py deploys); re-run `python train.py` with the run's settings to recompute them")
+    try:
+        saved = json.loads(stamp.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DataError(stamp, "not valid JSON") from None
+    if saved != expected:
+        diff = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
+        raise DataError(folder, f"out-of-fold files were written with other settings ({', '.join(f'{k}: {a!r} here, {b!r} in config' for k, (a, b) in diff.items())}); "
+                                "re-run `python train.py` with the run's settings to recompute them")
+
+
+def _stage(path: Path, score_column: str, n_cmbs: int) -> StageDetections:
+    scores, points, hits = read_detections(path, score_column, n_cmbs)
+    return StageDetections(scores, points, assign(scores, hits, points))
+
+
+def read_run(run_dir: Path, splits: dict, expected_settings: dict[str, dict[str, Any]] | None = None) -> list[ScanRecord]:
+    """One record per held-out scan of every fold (fold order, then the fold's test order)."""
+    records = []
+    for fold in splits["folds"]:
+        fdir = run_dir / f"fold_{fold['fold']}"
+        for folder in ("stage1", "oof"):
+            check_settings(fdir / folder, None if expected_settings is None else expected_settings[folder])
+        for scan_id in fold["test"]:
+            n_cmbs, diameters = read_truth(fdir / "truth" / f"{scan_id}.json")
+            stage1 = _stage(fdir / "stage1" / f"{scan_id}.csv", "peak", n_cmbs)
+            two_stage = _stage(fdir / "oof" / f"{scan_id}.csv", "score", n_cmbs)
+            if len(two_stage.scores) != len(stage1.scores) or not np.allclose(two_stage.points, stage1.points):
+                raise DataError(fdir / "oof" / f"{scan_id}.csv", f"does not score the {len(stage1.scores)} stage-1 candidates of "
+                                f"{fdir / 'stage1' / scan_id}.csv; delete it and re-run train.py to recompute it")
+            records.append(ScanRecord(scan_id, int(fold["fold"]), n_cmbs, diameters, stage1, two_stage))
+    return records
