@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from cmb.conf_utils import instantiate_checked
-from cmb.data.preprocess import preprocess_scan
+from cmb.conf_utils import dataset_from_run_config
+from cmb.data.preprocess import PreprocessConfig, preprocess_scan
 from cmb.eval.matching import Truth, hit_sets
 from cmb.inference.candidates import extract_candidates
 from cmb.inference.stage1 import Stage1InferenceConfig, inference_net, inference_settings, predict_probability
@@ -48,8 +48,8 @@ def main() -> None:
     splits = json.loads((args.run / "splits.json").read_text())
     heldout = splits["folds"][int(args.fold)]["test"]
     net, _ = load_model(args.run / f"fold_{args.fold}" / "unet_bs20" / "model.pt")
-    dataset = instantiate_checked(cfg.data)
-    pre_cfg = instantiate_checked(cfg.preprocess)
+    dataset = dataset_from_run_config(cfg.data, args.run / "config.yaml")  # allow-listed readers only
+    pre_cfg = PreprocessConfig.from_settings(cfg.preprocess, args.run / "config.yaml")
     fast_cfg = Stage1InferenceConfig.from_cfg(cfg.inference.stage1)
     fast_cfg.mode, fast_cfg.progress = "fast", False
     slow_cfg = Stage1InferenceConfig(mode="faithful", bf16=fast_cfg.bf16, progress=True)

@@ -94,3 +94,24 @@ def instantiate_checked(node: Any, **kwargs: Any) -> Any:
         if cause is not None:
             raise cause from None
         raise
+
+
+# what a saved run folder's config may name as `data._target_` (benchmarks rebuild the run's dataset)
+DATASET_TARGETS = ("cmb.data.readers.NiftiDataset", "cmb.data.readers.ValdoDataset", "cmb.data.readers.DouDataset",
+                   "cmb.data.readers.SyntheticDataset")
+
+
+def dataset_from_run_config(node: Any, source: Path) -> Any:
+    """The dataset of a saved run config, built only from an allow-listed reader class with plain values:
+    a run folder is data, never code, so nothing else it names is imported or called."""
+    from omegaconf import DictConfig
+
+    from cmb.data.preprocess import _names_target
+    from cmb.errors import DataError
+
+    if not isinstance(node, DictConfig) or node.get("_target_") not in DATASET_TARGETS:
+        raise DataError(source, f"data._target_ {node.get('_target_') if isinstance(node, DictConfig) else node!r} is not "
+                                f"one of the dataset readers {list(DATASET_TARGETS)}")
+    if any(_names_target(node[k]) for k in node if k != "_target_"):
+        raise DataError(source, "a nested _target_ in the data settings is not allowed (a run folder is data, not code)")
+    return instantiate_checked(node)

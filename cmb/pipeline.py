@@ -329,7 +329,7 @@ class Experiment:
         last = out / "checkpoints" / "last.ckpt"
         if last.is_file():
             log.info("%s: resuming from %s", out, last)
-        trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.is_file() else None)
+        trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.is_file() else None, weights_only=True)
         _copy_metrics(out / "csv", metrics_to)
         return trainer
 
@@ -353,7 +353,7 @@ class Experiment:
             path = self.member_dir(stage, fold, int(bs)) / "model.pt"
             if not path.is_file():
                 raise MissingPrerequisite(f"{path}: member not trained yet; run `python train.py stage={stage} fold={fold} batch_size={bs}`")
-            nets.append(load_model(path, self.device)[0])
+            nets.append(load_model(path, self.device, stage=stage)[0])
         return nets
 
     # ---------------------------------------------------------------- stage 1 use

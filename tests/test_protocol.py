@@ -305,6 +305,23 @@ def test_refine_round_learns_from_its_own_false_positives_on_training_scans_only
     assert len(done["refine"]["training_cmbs_below_0.5"]) == int((peaks < 0.5).sum())
 
 
+def test_paper_mining_takes_the_heldout_components_at_the_mining_threshold_that_hit_no_cmb(tmp_path: Path, tiny_synthetic: Path) -> None:
+    from cmb.inference.candidates import Candidate, read_candidates, write_candidates
+    from cmb.pipeline import Experiment
+
+    cfg = _compose([*SMOKE, f"paths.cache_dir={tiny_synthetic}", f"paths.runs_dir={tmp_path}", "name=paper_mining", "mining.mode=paper"])
+    exp = Experiment(cfg)
+    for scan_id in exp.mined_scans(0):
+        source = exp.heldout_fold_of(scan_id)
+        assert source != 0  # fold 0's training scans were held out by other folds
+        cands = [Candidate(scan_id, 5.0 + n, 6.0, 7.0, 0.0, 0.0, 0.0, 0.16 + 0.1 * n, 0.1, 4) for n in range(3)]
+        write_candidates(cands, exp.fold_dir(source) / "paper_mining" / f"{scan_id}.csv", {"hits": ["", "0", ""]})
+    out = exp.mine(0)
+    for scan_id in exp.mined_scans(0):
+        mimics, _ = read_candidates(out / f"{scan_id}.csv")
+        assert [m.i for m in mimics] == [5.0, 7.0]  # the component hitting CMB 0 is not a mimic
+
+
 def test_options_off_keep_the_settings_hash_of_runs_from_before_them(tmp_path: Path, tiny_synthetic: Path) -> None:
     from omegaconf import open_dict
 

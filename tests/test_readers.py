@@ -146,3 +146,18 @@ def test_synthetic_cli_writes_nifti_layout_and_refuses_overwrite(tmp_path: Path)
     assert ds.scan_ids() == ["synth000", "synth001"]
     assert nib.load(str(tmp_path / "ph" / "images" / "synth000.nii.gz")).shape == (64, 64, 32)
     assert main([str(tmp_path / "ph"), "--preset", "tiny"]) == 2  # never overwritten
+
+
+def test_fractional_binary_label_map_keeps_its_cmbs_and_other_fractions_are_refused(tmp_path: Path) -> None:
+    """A resampled binary mask (values 0.5) must not lose its CMBs to rounding; fractional ids above 1 are refused."""
+    from cmb.data.readers import build_scan
+    from cmb.errors import DataError
+
+    image, labels = make_volume(0, [(12, 12, 8), (28, 26, 14)])
+    img = save(image, tmp_path / "img.nii.gz")
+    half = save((labels > 0).astype(np.float32) * 0.5, tmp_path / "half.nii.gz")
+    scan = build_scan("s", img, label_path=half)
+    assert len(scan.cmbs) == 2
+    odd = save(np.where(labels > 0, labels + 0.5, 0).astype(np.float32), tmp_path / "odd.nii.gz")
+    with pytest.raises(DataError, match="non-integer values above 1"):
+        build_scan("s", img, label_path=odd)

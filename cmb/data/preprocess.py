@@ -14,7 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,43 @@ class PreprocessConfig:
     histogram_bins: int = 256
     target_peak: float = 0.5
     extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_settings(cls, settings: Any, source: str | Path) -> "PreprocessConfig":
+        """Rebuild from the plain values of a saved config (a run folder's `preprocess` node).
+
+        A run folder is data, never code: only this class's own `_target_` is accepted and
+        nothing named in the file is imported or called. `source` names the file in errors.
+        """
+        from omegaconf import DictConfig, OmegaConf
+
+        if not isinstance(settings, (dict, DictConfig)):
+            raise DataError(source, "preprocess settings are not a mapping")
+        node = OmegaConf.create(settings) if isinstance(settings, dict) else settings
+        if any(_names_target(node[k]) for k in node if k != "_target_"):
+            raise DataError(source, "a nested _target_ in the preprocess settings is not allowed (a run folder is data, not code)")
+        # values taken from the node as they are, so the preprocessing cache key matches a config built by Hydra
+        values = {k: node[k] for k in node if k != "_target_"}
+        target = node.get("_target_")
+        if target not in (None, f"{cls.__module__}.{cls.__qualname__}"):
+            raise DataError(source, f"preprocess._target_ {target!r} is not allowed; a run folder may only name "
+                                    f"{cls.__module__}.{cls.__qualname__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise DataError(source, f"unknown preprocess setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+def _names_target(value: Any) -> bool:
+    """Whether a config value (or anything nested in it) carries a `_target_` key."""
+    from omegaconf import DictConfig, ListConfig
+
+    if isinstance(value, (dict, DictConfig)):
+        return "_target_" in value or any(_names_target(v) for v in value.values())
+    if isinstance(value, (list, tuple, ListConfig)):
+        return any(_names_target(v) for v in value)
+    return False
 
 
 def _sitk_image(array: np.ndarray, spacing: tuple[float, ...]) -> sitk.Image:

@@ -97,6 +97,20 @@ def cmbs_from_points(points_src_vox: np.ndarray, src_affine: np.ndarray, canon_a
     return [CMBInstance(tuple(map(float, c)), tuple(map(float, m))) for c, m in zip(canon, mm)]
 
 
+def _integer_labels(labels: np.ndarray, path: Path) -> np.ndarray:
+    """A label map with integer values as it is; a binary-like one with fractions in (0, 1] (e.g. a resampled
+    binary mask) as its voxels > 0 (with a warning); other fractional values are refused, never rounded away."""
+    positive = labels[labels > 0]
+    if np.all(positive == np.round(positive)):
+        return labels
+    if positive.max() <= 1.0:
+        log.warning("%s: label map has fractional values in (0, 1] (a resampled binary mask?); every voxel > 0 counts as CMB", path)
+        return (labels > 0).astype(np.float32)
+    example = float(positive[positive != np.round(positive)][0])
+    raise DataError(path, f"label map has non-integer values above 1 (e.g. {example:g}); give integer CMB ids or a binary map "
+                          "(rounding would silently drop or merge CMBs)")
+
+
 def build_scan(scan_id: str, image_path: Path, *, label_path: Path | None = None, points: np.ndarray | None = None,
                points_path: Path | None = None, mask_path: Path | None = None, has_truth: bool = True) -> Scan:
     """Load an image (and its truth) and reorient everything to RAS+."""
@@ -112,6 +126,7 @@ def build_scan(scan_id: str, image_path: Path, *, label_path: Path | None = None
             raise DataError(label_path, f"label map affine differs from its image's ({image_path.name})")
         if np.any(labels < 0) or not np.isfinite(labels).all():
             raise DataError(label_path, "label map has negative or non-finite values")
+        labels = _integer_labels(labels, label_path)
         canon_labels, _, _ = to_canonical(labels, affine)
         scan.instances = instances_from_label_map(canon_labels)
         scan.cmbs = cmbs_from_instances(scan.instances, canon_affine)

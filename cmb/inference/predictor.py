@@ -18,7 +18,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cmb.data.io import from_canonical, is_nifti_name, mm_to_vox, nifti_stem, vox_to_mm
@@ -77,10 +76,10 @@ class Predictor:
         self.run_cfg: DictConfig = OmegaConf.load(cfg_path)  # type: ignore[assignment]
         folder, self.fold = resolve_members(self.model_dir, fold)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.unets = [self._load(folder / f"unet_bs{bs}" / "model.pt") for bs in self.run_cfg.model.batch_sizes]
-        self.cnns = [self._load(folder / f"cnn_bs{bs}" / "model.pt") for bs in self.run_cfg.cnn.batch_sizes]
+        self.unets = [self._load(folder / f"unet_bs{bs}" / "model.pt", "unet") for bs in self.run_cfg.model.batch_sizes]
+        self.cnns = [self._load(folder / f"cnn_bs{bs}" / "model.pt", "cnn") for bs in self.run_cfg.cnn.batch_sizes]
         self.threshold = self._threshold(threshold)
-        self.pre_cfg: PreprocessConfig = instantiate(self.run_cfg.preprocess)
+        self.pre_cfg = PreprocessConfig.from_settings(self.run_cfg.preprocess, cfg_path)  # values only, never instantiate()
         self.stage1_cfg = Stage1InferenceConfig.from_cfg(self.run_cfg.inference.stage1)
         if stage1_mode:
             self.stage1_cfg.mode = stage1_mode
@@ -88,10 +87,10 @@ class Predictor:
         self.stage1_threshold = float(self.run_cfg.inference.stage1_threshold)
         self.cache_dir = cache_dir
 
-    def _load(self, path: Path) -> torch.nn.Module:
+    def _load(self, path: Path, stage: str) -> torch.nn.Module:
         if not path.is_file():
             raise DataError(path, "member model missing: is this run finished?")
-        return load_model(path, self.device)[0]
+        return load_model(path, self.device, stage=stage)[0]
 
     def _threshold(self, override: float | None) -> float:
         if override is not None:

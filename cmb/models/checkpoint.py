@@ -17,6 +17,7 @@ from cmb.models.discriminator import DouCNN
 from cmb.models.unet import UNet3D
 
 NETWORKS: dict[str, type[nn.Module]] = {"UNet3D": UNet3D, "DouCNN": DouCNN}
+STAGE_NETWORK = {"unet": "UNet3D", "cnn": "DouCNN"}  # the network each stage's members must be
 
 
 def _plain(value: Any) -> Any:
@@ -40,8 +41,11 @@ def save_model(net: nn.Module, net_kwargs: dict, path: str | Path, **meta: Any) 
     return path
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild the network from `model.pt` safely; returns (net in eval mode, meta)."""
+def load_model(path: str | Path, map_location: str | torch.device = "cpu", stage: str | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild the network from `model.pt` safely; returns (net in eval mode, meta).
+
+    With `stage` ("unet" or "cnn"), a file of the other stage (by its network and its saved
+    metadata) is refused with a message naming both."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "model file does not exist")
@@ -52,6 +56,10 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     name = blob.get("network") if isinstance(blob, dict) else None
     if name not in NETWORKS:
         raise DataError(path, f"unknown network {name!r}; expected one of {sorted(NETWORKS)}")
+    saved_stage = (blob.get("meta") or {}).get("stage")
+    if stage is not None and (name != STAGE_NETWORK[stage] or saved_stage not in (None, stage)):
+        raise DataError(path, f"this is a {saved_stage or '?'} member ({name}), but a {stage} member ({STAGE_NETWORK[stage]}) "
+                              "belongs here; was the file copied into the wrong folder?")
     net = NETWORKS[name](**blob.get("kwargs", {}))
     net.load_state_dict(blob["state_dict"])
     return net.eval(), dict(blob.get("meta", {}))
