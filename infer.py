@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from cmb.conf_utils import hydra_entry
-from cmb.errors import CMBError, ConfigError
+from cmb.errors import CMBError, ConfigError, describe_scan_failure
 
 log = logging.getLogger("cmb")
 
@@ -42,9 +42,9 @@ def main(cfg: DictConfig) -> None:
             det = predictor.predict_scan(path)
             written = write_outputs(det, out_dir, overwrite=bool(cfg.overwrite))
             print(f"{det.scan_id}: {len(det.scores)} detections (threshold {predictor.threshold:g}) -> {written[0]}", flush=True)
-        except CMBError as err:
+        except Exception as err:  # one bad scan never stops a batch: every failure is one line, the other scans are written
             failed.append(path)
-            print(f"error: {err} (skipped)", file=sys.stderr, flush=True)
+            print(f"error: {describe_scan_failure(err, path)} (skipped)", file=sys.stderr, flush=True)
     if failed:
         print(f"error: {len(failed)} of {len(files)} scans failed: {', '.join(p.name for p in failed)}", file=sys.stderr)
         sys.exit(2)

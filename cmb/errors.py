@@ -29,6 +29,29 @@ class ConfigError(CMBError):
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def user_error_in(err: BaseException) -> CMBError | None:
+    """The `CMBError` in `err` or its cause/context chain (MONAI's Compose wraps errors raised inside a
+    transform in a RuntimeError), or None."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, CMBError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def describe_scan_failure(err: Exception, path: str | Path) -> str:
+    """One line naming the file and the cause, for a scan that failed inside a batch."""
+    found = user_error_in(err)
+    if found is not None:
+        text = str(found)
+        return text if str(path) in text else f"{path}: {text}"
+    first = (str(err).strip().splitlines() or [""])[0]
+    return f"{path}: unexpected {type(err).__name__}: {first}"
+
+
 def exit_on_user_error(fn: F) -> F:
     """Turn a `CMBError` into one line on stderr and exit status 2 (no traceback)."""
 

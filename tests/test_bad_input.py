@@ -124,3 +124,68 @@ def test_no_half_written_nifti(tmp_path: Path) -> None:
         atomic_save_nifti(np.zeros((4, 4, 4), np.float32), np.eye(4), target)
     assert np.asanyarray(nib.load(target).dataobj).max() == 1
     assert [p.name for p in tmp_path.iterdir()] == ["a.nii.gz"]
+
+
+def _raw_header(sform: np.ndarray | None, pixdim: tuple[float, float, float]) -> nib.Nifti1Header:
+    header = nib.Nifti1Header()
+    header.set_data_shape((30, 30, 20))
+    header.set_data_dtype(np.float32)
+    header.set_qform(None, code=0)
+    header.set_sform(sform, code=1 if sform is not None else 0)
+    header["pixdim"][1:4] = pixdim
+    return header
+
+
+def test_singular_affine_and_unknown_voxel_size_are_refused(tmp_path: Path) -> None:
+    from cmb.data.io import load_volume
+
+    data = (800 + np.random.default_rng(0).standard_normal((30, 30, 20))).astype(np.float32)
+    singular = np.diag([0.0, 1.0, 1.0, 1.0])
+    path = tmp_path / "singular.nii.gz"
+    nib.save(nib.Nifti1Image(data, None, header=_raw_header(singular, (1, 1, 1))), str(path))
+    with pytest.raises(DataError, match="singular.nii.gz: image affine is singular"):
+        load_volume(path)
+    path = tmp_path / "pixdim0.nii"
+    nib.save(nib.Nifti1Image(data, None, header=_raw_header(None, (1, 1, 1))), str(path))
+    with open(path, "r+b") as handle:  # nibabel refuses to write pixdim 0 itself: patch pixdim[1:4] in the stored header
+        handle.seek(80)
+        handle.write(np.zeros(3, "<f4").tobytes())
+    with pytest.raises(DataError, match=r"pixdim0.nii: image has no sform/qform and voxel size pixdim \[0.0, 0.0, 0.0\]"):
+        load_volume(path)
+    path = tmp_path / "pixdim_only.nii.gz"  # no sform/qform but a real voxel size: read, with a warning
+    nib.save(nib.Nifti1Image(data, None, header=_raw_header(None, (0.5, 0.5, 1.0))), str(path))
+    _, affine = load_volume(path)
+    np.testing.assert_allclose(np.abs(np.diag(affine))[:3], [0.5, 0.5, 1.0])
+
+
+def test_infer_inputs_skip_cmbs_own_outputs(tmp_path: Path) -> None:
+    from cmb.inference.predictor import list_inputs
+
+    image, _ = make_volume(0, [])
+    save(image, tmp_path / "scan.nii.gz")
+    save(image, tmp_path / "scan_stage1_prob.nii.gz")  # an earlier run wrote its outputs into the input folder
+    assert [p.name for p in list_inputs(tmp_path)] == ["scan.nii.gz"]
+
+
+def test_summary_lists_every_bad_scan_and_keeps_the_good_ones(nifti_root: Path) -> None:
+    from cmb.data.summary import summarize
+
+    save(np.zeros((40, 40, 24), np.float32), nifti_root / "images" / "s9.nii.gz")
+    save(np.zeros((40, 40, 24), np.int16), nifti_root / "labels" / "s9.nii.gz")
+    lines, errors = summarize(NiftiDataset(nifti_root))
+    assert lines[-1] == "scans: 3 cmbs: 3"
+    assert len(errors) == 1 and "s9.nii.gz: image is all zeros" in errors[0]
+
+
+def test_a_failure_wrapped_by_monai_is_reported_as_the_user_error_inside() -> None:
+    from monai.transforms import Compose
+
+    from cmb.errors import describe_scan_failure
+
+    def fails(data):
+        raise DataError("scan.nii.gz", "brain mask is empty")
+
+    with pytest.raises(RuntimeError) as wrapped:
+        Compose([fails])({"image": 1})
+    assert describe_scan_failure(wrapped.value, "scan.nii.gz") == "scan.nii.gz: brain mask is empty"
+    assert describe_scan_failure(ValueError("bad\nmore"), "x.nii") == "x.nii: unexpected ValueError: bad"

@@ -205,10 +205,13 @@ def test_infer_cli_skips_a_bad_file_and_keeps_the_others(finished_run: Path, tmp
     inputs.mkdir()
     _lps_scan_with_cmb(inputs / "good.nii.gz")
     (inputs / "broken.nii.gz").write_bytes(b"not a nifti")
+    nib.save(nib.Nifti1Image(np.full((40, 40, 24), 100.0, np.float32), np.eye(4)), str(inputs / "constant.nii.gz"))
     out = run_cli([f"model_dir={finished_run}", f"input={inputs}", f"output={tmp_path / 'out'}", "progress=false"],
                   tiny_synthetic_module, script="infer.py")
     assert out.returncode == 2
-    assert "broken.nii.gz: cannot read image" in out.stderr and "1 of 2 scans failed" in out.stderr
+    assert "broken.nii.gz: cannot read image" in out.stderr and "2 of 3 scans failed" in out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 3 and any("constant.nii.gz" in line for line in errors) and "Traceback" not in out.stderr
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == ["good_detections.csv", "good_detections.mrk.json", "good_stage1_prob.nii.gz"]
     again = run_cli([f"model_dir={finished_run}", f"input={inputs / 'good.nii.gz'}", f"output={tmp_path / 'out'}"],

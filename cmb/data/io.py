@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import warnings
@@ -15,6 +16,7 @@ from cmb import WINDOW
 from cmb.errors import DataError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+log = logging.getLogger(__name__)
 
 
 def is_nifti_name(path: str | Path) -> bool:
@@ -48,6 +50,8 @@ def load_volume(path: str | Path, *, what: str = "image", check_window: bool = T
         data = np.asanyarray(img.dataobj)
     except Exception as err:  # nibabel raises many types for corrupt files
         raise DataError(path, f"cannot read {what} as NIfTI ({type(err).__name__}: {err})") from None
+    affine = np.asarray(img.affine, dtype=float)
+    _check_geometry(path, img, affine, what)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -61,7 +65,25 @@ def load_volume(path: str | Path, *, what: str = "image", check_window: bool = T
             raise DataError(path, "image is all zeros")
         if check_window and any(s < w for s, w in zip(data.shape, WINDOW)):
             raise DataError(path, f"image shape {data.shape} is smaller than one {WINDOW} window")
-    return data, np.asarray(img.affine, dtype=float)
+    return data, affine
+
+
+def _check_geometry(path: Path, img: object, affine: np.ndarray, what: str) -> None:
+    """Refuse a singular or non-finite affine (a zero voxel size), and a file without sform/qform whose raw
+    pixdim has a zero voxel size (nibabel would silently read it as 1 mm)."""
+    linear = affine[:3, :3]
+    if not np.isfinite(affine).all() or abs(float(np.linalg.det(linear))) < 1e-12:
+        sizes = np.sqrt((linear**2).sum(axis=0)) if np.isfinite(linear).all() else linear
+        raise DataError(path, f"{what} affine is singular or not finite (voxel sizes {np.round(sizes, 4).tolist()} mm); fix the NIfTI header")
+    header = getattr(img, "header", None)
+    if not isinstance(header, nib.Nifti1Header) or header.get_sform(coded=True)[1] or header.get_qform(coded=True)[1]:
+        return
+    with nib.openers.ImageOpener(str(path)) as handle:  # the header as stored, before nibabel's fixes
+        raw = type(header).from_fileobj(handle, check=False)
+    pixdim = [float(v) for v in raw["pixdim"][1:4]]
+    if any(not np.isfinite(v) or v <= 0 for v in pixdim):
+        raise DataError(path, f"{what} has no sform/qform and voxel size pixdim {pixdim}: its size in mm is unknown; fix the NIfTI header")
+    log.warning("%s: no sform/qform in the header; orientation taken from pixdim %s alone", path, pixdim)
 
 
 def canonical_transform(affine: np.ndarray) -> np.ndarray:

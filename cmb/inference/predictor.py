@@ -175,6 +175,10 @@ def list_inputs(path: str | Path) -> list[Path]:
         return [path]
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and is_nifti_name(p))
+        ours = [p for p in files if p.name.endswith(OUTPUT_SUFFIXES)]
+        if ours:  # an output folder inside the input folder: never read our own maps back as scans
+            log.warning("%s: skipping %d file(s) that cmb wrote itself (e.g. %s)", path, len(ours), ours[0].name)
+            files = [p for p in files if p not in ours]
         if not files:
             raise DataError(path, "no .nii or .nii.gz files in the input folder")
         return files
