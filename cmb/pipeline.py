@@ -83,6 +83,7 @@ class Experiment:
         self.dataset: ScanDataset = instantiate_checked(cfg.data)
         self.scan_ids = self.dataset.scan_ids()
         self.splits = make_or_load_splits(self.run_dir, self.scan_ids, int(cfg.seed), cfg.get("splits_file"))
+        self._refuse_other_settings()
         self.pre_cfg = instantiate(cfg.preprocess)
         self.cache_dir = Path(cfg.paths.cache_dir)
         self.infer_cfg = Stage1InferenceConfig.from_cfg(cfg.inference.stage1)
@@ -169,6 +170,24 @@ class Experiment:
             keep["stage"].pop("transplant", None)
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+    def _refuse_other_settings(self) -> None:
+        """Before this run writes anything: every member already in the run folder, finished (done.json) or
+        started (started.json), must have been trained with the current settings; otherwise refuse and leave
+        every file as it is (a re-run with other settings must not rewrite config.yaml first)."""
+        for stamp in sorted(self.run_dir.glob("fold_*/*_bs*/done.json")) + sorted(self.run_dir.glob("fold_*/*_bs*/started.json")):
+            member = stamp.parent
+            stage, _, bs = member.name.partition("_bs")
+            fold = member.parent.name.removeprefix("fold_")
+            if stage not in STAGES or not bs.isdigit() or not (fold == FINAL or fold.isdigit()):
+                continue
+            try:
+                saved = json.loads(stamp.read_text()).get("settings_hash")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                raise ConfigError(f"{stamp}: unreadable; delete the member folder {member} to retrain it") from None
+            if saved != self.member_settings_hash(stage, fold if fold == FINAL else int(fold), int(bs)):
+                raise ConfigError(f"{member}: this member was trained with other settings; use a new run (name=...) or delete "
+                                  "the member folder (nothing was written)")
+
     def is_done(self, stage: str, fold: int | str, batch_size: int) -> bool:
         done = self.member_dir(stage, fold, batch_size) / "done.json"
         if not done.is_file():
@@ -186,6 +205,10 @@ class Experiment:
             log.info("%s: already trained, skipping", out)
             return out
         split = self.fold_split(fold)
+        started = out / "started.json"  # an unfinished member resumes only under the settings it started with
+        if started.is_file() and json.loads(started.read_text()).get("settings_hash") != self.member_settings_hash(stage, fold, batch_size):
+            raise ConfigError(f"{out}: this unfinished member was started with other settings; use a new run (name=...) or delete "
+                              "the member folder")
         mimics_dir = None
         if stage == "cnn":
             mimics_dir = self.fold_dir(fold) / "mimics"
@@ -194,6 +217,7 @@ class Experiment:
                 raise MissingPrerequisite(f"{mimics_dir}: no mined mimics for training scan(s) {missing[:4]} of fold {fold}; "
                                           f"run `python train.py stage=mine fold={fold}` first (it needs both U-Nets of the fold)")
         scfg = self.stage_cfg(stage)
+        atomic_write_text(json.dumps({"settings_hash": self.member_settings_hash(stage, fold, batch_size)}), started)
         t0 = time.perf_counter()
         volumes = self.training_volumes(split["train"], mimics_dir)
         health = scfg.get("health") if stage == "unet" else None

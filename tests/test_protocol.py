@@ -98,8 +98,14 @@ def test_rerun_skips_finished_members(finished_run: Path, tiny_synthetic_module:
     assert out.returncode == 0, out.stderr[-2000:]
     assert done.stat().st_mtime_ns == stamp
     assert "already trained, skipping" in out.stdout + out.stderr
+    def snapshot() -> dict[str, bytes]:  # every file but Hydra's own per-invocation log folders
+        return {str(p.relative_to(finished_run)): p.read_bytes() for p in sorted(finished_run.rglob("*"))
+                if p.is_file() and "logs" not in p.relative_to(finished_run).parts}
+
+    before = snapshot()
     changed = run_cli(["experiment=lotcv", *SMOKE, f"paths.runs_dir={finished_run.parent}", "name=e2e", "model.max_steps=6"], tiny_synthetic_module)
     assert changed.returncode == 2 and "trained with other settings" in changed.stderr
+    assert snapshot() == before  # a refused re-run changes nothing (config.yaml included)
 
 
 @pytest.mark.slow
@@ -323,6 +329,24 @@ def test_paper_mining_takes_the_heldout_components_at_the_mining_threshold_that_
     for scan_id in exp.mined_scans(0):
         mimics, _ = read_candidates(out / f"{scan_id}.csv")
         assert [m.i for m in mimics] == [5.0, 7.0]  # the component hitting CMB 0 is not a mimic
+
+
+def test_members_from_other_settings_are_refused_before_anything_is_written(tmp_path: Path, tiny_synthetic: Path) -> None:
+    from cmb.errors import ConfigError
+    from cmb.pipeline import Experiment
+
+    args = [*SMOKE, f"paths.cache_dir={tiny_synthetic}", f"paths.runs_dir={tmp_path}", "name=other"]
+    exp = Experiment(_compose(args))
+    member = exp.member_dir("unet", 0, 20)
+    member.mkdir(parents=True)
+    (member / "started.json").write_text(json.dumps({"settings_hash": exp.member_settings_hash("unet", 0, 20)}))
+    config = (exp.run_dir / "config.yaml").read_bytes()
+    with pytest.raises(ConfigError, match="trained with other settings"):
+        Experiment(_compose([*args, "model.optimizer.lr=0.01"]))  # an unfinished member, other learning rate
+    assert (exp.run_dir / "config.yaml").read_bytes() == config
+    (member / "started.json").write_text(json.dumps({"settings_hash": "0" * 16}))
+    with pytest.raises(ConfigError, match="unfinished member was started with other settings"):
+        exp.train_member("unet", 0, 20)
 
 
 def test_options_off_keep_the_settings_hash_of_runs_from_before_them(tmp_path: Path, tiny_synthetic: Path) -> None:
