@@ -226,29 +226,34 @@ def test_infer_cli_skips_a_bad_file_and_keeps_the_others(finished_run: Path, tmp
 
 
 @pytest.mark.slow
-def test_infer_on_a_heldout_scan_writes_exactly_its_out_of_fold_detections(finished_run: Path, tmp_path: Path,
-                                                                           tiny_synthetic_module: Path) -> None:
-    """Evaluation equals deployment: infer.py with fold k's members on a scan that fold k held out writes the
-    rows of that scan's out-of-fold CSV whose stage-2 score reaches the threshold: same positions, stage-1
-    peaks and stage-2 scores, none added, none lost."""
+def test_infer_on_heldout_scans_writes_exactly_their_out_of_fold_detections(finished_run: Path, tmp_path: Path,
+                                                                            tiny_synthetic_module: Path) -> None:
+    """Evaluation equals deployment: infer.py with fold k's members on the scans fold k held out writes the rows
+    of each scan's out-of-fold CSV whose stage-2 score reaches the threshold (the run's chosen one, and 0 for
+    every candidate): same positions, stage-1 peaks and stage-2 scores, none added, none lost."""
     import csv
 
     splits = json.loads((finished_run / "splits.json").read_text())
+    chosen = json.loads((finished_run / "results.json").read_text())["chosen_operating_point"]["threshold"]
     root = next((tiny_synthetic_module / "synthetic").glob("tiny-seed0-*"))
     checked = 0
     for fold in splits["folds"]:
+        inputs = tmp_path / f"heldout_{fold['fold']}"
+        inputs.mkdir()
         for scan_id in fold["test"]:
-            with open(finished_run / f"fold_{fold['fold']}" / "oof" / f"{scan_id}.csv", newline="") as handle:
-                oof = list(csv.DictReader(handle))
-            for threshold in (0.0, 0.4):
-                out_dir = tmp_path / f"{scan_id}_{threshold}"
-                out = run_cli([f"model_dir={finished_run}", f"fold={fold['fold']}", f"input={root / 'images' / f'{scan_id}.nii.gz'}",
-                               f"output={out_dir}", f"threshold={threshold}", "progress=false"], tiny_synthetic_module, script="infer.py")
-                assert out.returncode == 0, out.stderr[-2000:]
+            (inputs / f"{scan_id}.nii.gz").symlink_to(root / "images" / f"{scan_id}.nii.gz")
+        for threshold, args in ((chosen, []), (0.0, ["threshold=0.0"])):
+            out_dir = tmp_path / f"out_{fold['fold']}_{threshold}"
+            out = run_cli([f"model_dir={finished_run}", f"fold={fold['fold']}", f"input={inputs}", f"output={out_dir}", "progress=false", *args],
+                          tiny_synthetic_module, script="infer.py")
+            assert out.returncode == 0, out.stderr[-2000:]
+            for scan_id in fold["test"]:
+                with open(finished_run / f"fold_{fold['fold']}" / "oof" / f"{scan_id}.csv", newline="") as handle:
+                    oof = list(csv.DictReader(handle))
                 with open(out_dir / f"{scan_id}_detections.csv", newline="") as handle:
                     deployed = list(csv.DictReader(handle))
                 expected = sorted((r for r in oof if float(r["score"]) >= threshold), key=lambda r: -float(r["score"]))
-                assert len(deployed) == len(expected)
+                assert len(deployed) == len(expected), (scan_id, threshold)
                 for d, e in zip(deployed, expected):
                     assert float(d["score"]) == float(e["score"]) and float(d["stage1_score"]) == float(e["peak"])
                     for axis in ("x_mm", "y_mm", "z_mm"):
