@@ -69,3 +69,89 @@ def test_user_mask_wins_and_cache_avoids_rerun(tiny_synthetic: Path, tmp_path: P
 def test_hdbet_is_skipped_with_reason_when_absent(tmp_path: Path) -> None:
     ok, why = pp.hdbet_available(str(tmp_path / "no-weights"))
     assert not ok and ("not installed" in why or "weights are not in" in why)
+
+
+def _damage(entry: Path, how: str) -> None:
+    import json
+
+    if how == "zeroed image":
+        image = np.load(entry / "image.npy")
+        np.save(entry / "image.npy", np.zeros_like(image))
+    elif how == "truncated image":
+        data = (entry / "image.npy").read_bytes()
+        (entry / "image.npy").write_bytes(data[: len(data) // 2])
+    elif how == "garbage meta":
+        (entry / "meta.json").write_text("{not json")
+    elif how == "missing mask":
+        (entry / "mask.npy").unlink()
+    elif how == "written before checksums":
+        meta = json.loads((entry / "meta.json").read_text())
+        del meta["checksums"]
+        (entry / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("how", ["zeroed image", "truncated image", "garbage meta", "missing mask", "written before checksums"])
+def test_a_damaged_cache_entry_is_recomputed_not_used(tiny_synthetic: Path, tmp_path: Path, how: str, caplog) -> None:
+    ds = SyntheticDataset("tiny", 0, tiny_synthetic)
+    scan = ds.load(ds.scan_ids()[0])
+    cfg = pp.PreprocessConfig()
+    first = pp.preprocess_scan(scan, cfg, tmp_path)
+    (entry,) = (tmp_path / "preprocess").iterdir()
+    _damage(entry, how)
+    with caplog.at_level("INFO"):
+        again = pp.preprocess_scan(scan, cfg, tmp_path)
+    np.testing.assert_array_equal(np.asarray(again.image), np.asarray(first.image))
+    np.testing.assert_array_equal(np.asarray(again.mask), np.asarray(first.mask))
+    assert "recomputing" in caplog.text
+    assert [p.name for p in (tmp_path / "preprocess").iterdir()] == [entry.name]  # the damaged copy is gone
+    third = pp._read_entry(entry, scan.scan_id)  # and the new entry checks out
+    np.testing.assert_array_equal(np.asarray(third.image), np.asarray(first.image))
+
+
+def _fill(cache: str, scan_path: str, barrier, results) -> None:  # noqa: ANN001 (multiprocessing objects)
+    from cmb.data.readers import build_scan
+
+    scan = build_scan("s", Path(scan_path))
+    barrier.wait()  # all three find the entry missing at once
+    try:
+        results.put(pp._checksum(np.asarray(pp.preprocess_scan(scan, pp.PreprocessConfig(), cache).image)))
+    except Exception as err:
+        results.put(f"failed: {type(err).__name__}: {err}")
+
+
+def _run_three(target, *args) -> list[str]:  # noqa: ANN001
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args, barrier, results)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    out = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    return out
+
+
+def test_processes_filling_one_cache_entry_at_once_all_succeed(tiny_synthetic: Path, tmp_path: Path) -> None:
+    scan_path = next((tiny_synthetic / "synthetic").glob("tiny-*")) / "images" / "synth000.nii.gz"
+    sums = _run_three(_fill, str(tmp_path), str(scan_path))
+    assert len(set(sums)) == 1 and not sums[0].startswith("failed"), sums
+    entries = [p.name for p in (tmp_path / "preprocess").iterdir()]
+    assert len(entries) == 1 and not entries[0].startswith(".")
+
+
+def _generate(cache: str, barrier, results) -> None:  # noqa: ANN001 (multiprocessing objects)
+    from cmb.data.synthetic import ensure_synthetic_dataset
+
+    barrier.wait()  # all three look at the empty cache at once
+    try:
+        results.put(str(ensure_synthetic_dataset("tiny", 3, Path(cache))))
+    except Exception as err:  # reported to the test, not lost in a child's traceback
+        results.put(f"failed: {type(err).__name__}: {err}")
+
+
+def test_processes_generating_one_synthetic_dataset_at_once_all_succeed(tmp_path: Path) -> None:
+    roots = _run_three(_generate, str(tmp_path))
+    assert len(set(roots)) == 1 and (Path(roots[0]) / "phantom.json").is_file(), roots
+    assert [p.name for p in (tmp_path / "synthetic").iterdir()] == [Path(roots[0]).name]  # no temporary copies left

@@ -14,6 +14,8 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
+import zlib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from cmb.errors import DataError
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
+NO_CHECKSUMS = "meta.json records no checksums"  # entries from before checksums: recomputed once
 
 
 @dataclass(frozen=True)
@@ -273,26 +276,64 @@ def _cache_key(scan: Scan, cfg: PreprocessConfig) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
+def _checksum(array: np.ndarray) -> str:
+    """CRC-32 of an array's bytes (fast enough to check every cache read; it guards against damage, not attacks)."""
+    data = np.ascontiguousarray(array)
+    return f"{zlib.crc32(memoryview(data).cast('B')) & 0xFFFFFFFF:08x}"
+
+
+def _read_entry(entry: Path, scan_id: str) -> Preprocessed:
+    """A cache entry, checked: readable meta.json, both arrays present and whole, shapes and checksums as
+    recorded. Raises `ValueError` (with the reason) for anything else."""
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        image = np.load(entry / "image.npy", mmap_mode="r")
+        mask = np.load(entry / "mask.npy", mmap_mode="r")
+    except (OSError, ValueError, UnicodeDecodeError, EOFError) as err:  # missing, truncated or garbled files
+        raise ValueError(f"{type(err).__name__}: {err}") from None
+    if not isinstance(meta, dict) or "checksums" not in meta:
+        raise ValueError(NO_CHECKSUMS)
+    if list(image.shape) != meta.get("shape") or mask.shape != image.shape:
+        raise ValueError(f"array shapes {image.shape}/{mask.shape} differ from the recorded {meta.get('shape')}")
+    if {"image": _checksum(image), "mask": _checksum(mask)} != meta["checksums"]:
+        raise ValueError("checksum mismatch (an array was changed after it was written)")
+    return Preprocessed(scan_id, image, mask, meta)
+
+
 def preprocess_scan(scan: Scan, cfg: PreprocessConfig, cache_dir: str | Path | None = None) -> Preprocessed:
     """Run (or fetch from the cache) the preprocessing chain for one scan.
 
     Cache entries live in `cache_dir/preprocess/<key>/` keyed by the input files (path,
-    size, mtime) and every setting; they are written to a temporary folder and renamed,
-    so an interrupted run leaves no partial entry.
+    size, mtime) and every setting. Each entry records its arrays' shapes and checksums and is
+    checked on every read; a damaged entry (changed, truncated or missing array, garbled
+    meta.json) is set aside with a warning and recomputed. Entries are written to a temporary
+    folder and renamed, so an interrupted run leaves no partial entry, and processes filling
+    the same entry at once all end with the first one's (the others' copies are dropped).
     """
     entry = Path(cache_dir) / "preprocess" / _cache_key(scan, cfg) if cache_dir is not None else None
-    if entry is not None and (entry / "meta.json").is_file():
-        meta = json.loads((entry / "meta.json").read_text())
-        return Preprocessed(scan.scan_id, np.load(entry / "image.npy", mmap_mode="r"), np.load(entry / "mask.npy", mmap_mode="r"), meta)
+    if entry is not None and entry.is_dir():
+        try:
+            return _read_entry(entry, scan.scan_id)
+        except ValueError as err:
+            damaged = entry.with_name(f".{entry.name}.damaged-{os.getpid()}-{time.time_ns()}")
+            if str(err) == NO_CHECKSUMS:
+                log.info("%s: cache entry of %s was written before checksums were recorded; recomputing it once", entry, scan.scan_id)
+            else:
+                log.warning("%s: preprocessing cache entry of %s is damaged (%s); recomputing it", entry, scan.scan_id, err)
+            try:
+                os.rename(entry, damaged)  # out of the way first, so no other process reads it while it is removed
+                shutil.rmtree(damaged, ignore_errors=True)
+            except OSError:  # another process moved or replaced it first
+                pass
     user_mask = None
     if scan.mask_path is not None:
         raw, affine = load_volume(scan.mask_path, what="brain mask")
         user_mask = to_canonical(raw, affine)[0] > 0
     data = {"image": scan.image, "mask": user_mask, "spacing": scan.spacing_mm, "affine": scan.affine, "scan_id": scan.scan_id, "path": scan.path}
     out = preprocessing_chain(cfg)(data)
-    meta = {"scan_id": scan.scan_id, "source": str(scan.path), "mask_method": out["mask_method"], "histogram_peak": out["histogram_peak"],
-            "shape": list(scan.shape), "spacing_mm": list(scan.spacing_mm)}
     image, mask = out["image"].astype(np.float32), out["mask"].astype(bool)
+    meta = {"scan_id": scan.scan_id, "source": str(scan.path), "mask_method": out["mask_method"], "histogram_peak": out["histogram_peak"],
+            "shape": list(scan.shape), "spacing_mm": list(scan.spacing_mm), "checksums": {"image": _checksum(image), "mask": _checksum(mask)}}
     if entry is not None:
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
@@ -301,6 +342,6 @@ def preprocess_scan(scan: Scan, cfg: PreprocessConfig, cache_dir: str | Path | N
         (tmp / "meta.json").write_text(json.dumps(meta))
         try:
             os.rename(tmp, entry)
-        except OSError:  # another process finished the same entry first
+        except OSError:  # another process finished the same entry first: keep its entry, drop ours
             shutil.rmtree(tmp, ignore_errors=True)
     return Preprocessed(scan.scan_id, image, mask, meta)

@@ -49,7 +49,12 @@ def write_synthetic_dataset(out_dir: Path, preset: str, seed: int, n_scans: int 
         (tmp / "centroids.csv").write_text("scan_id,i,j,k\n" + "".join(r + "\n" for r in rows))
         meta = {"preset": preset, "seed": seed, "format_version": FORMAT_VERSION, "spec": json.loads(preset_json(spec)), "scans": infos}
         (tmp / "phantom.json").write_text(json.dumps(meta, indent=1))
-        tmp.rename(out_dir)
+        try:
+            tmp.rename(out_dir)
+        except OSError:
+            if not (out_dir / "phantom.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process wrote the same dataset first: use its copy
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
