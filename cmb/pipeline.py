@@ -353,14 +353,22 @@ class Experiment:
         last = out / "checkpoints" / "last.ckpt"
         if last.is_file():
             log.info("%s: resuming from %s", out, last)
-        trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.is_file() else None, weights_only=True)
+        _finish_wandb_run()  # a run left open (e.g. by an interrupted member) must not collect this model's logs
+        try:
+            trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.is_file() else None, weights_only=True)
+        finally:
+            _finish_wandb_run()
         _copy_metrics(out / "csv", metrics_to)
         return trainer
 
     def _trainer(self, out: Path, max_steps: int, run_name: str) -> pl.Trainer:
         tcfg = self.cfg.trainer
-        loggers = [instantiate(lg, save_dir=str(out), **({"name": run_name} if "Wandb" in lg._target_ else {}))
-                   for lg in self.cfg.logger.values()] if self.cfg.get("logger") else []
+        loggers = []
+        for lg in (self.cfg.logger.values() if self.cfg.get("logger") else []):
+            is_wandb = str(lg._target_).rsplit(".", 1)[-1] == "WandbLogger"
+            # one wandb run per model (named by fold, stage and batch size, grouped by the run folder), never the run in progress
+            extra = {"name": run_name, "group": self.run_dir.name, "job_type": run_name.split("_")[0]} if is_wandb else {}
+            loggers.append(instantiate(lg, save_dir=str(out), **extra))
         ckpt = pl.callbacks.ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0,
                                             every_n_train_steps=int(tcfg.checkpoint_every_n_steps))
         if tcfg.get("threads"):
@@ -544,6 +552,15 @@ def refine_steps(stage_cfg: DictConfig) -> int:
     """Steps of the U-Net's hard-negative round (model.refine.steps; 0 or absent: none)."""
     refine = stage_cfg.get("refine")
     return int(refine.steps) if refine is not None and refine.get("steps") else 0
+
+
+def _finish_wandb_run() -> None:
+    """Close the wandb run in progress, if wandb is installed and one is open."""
+    import sys
+
+    wandb = sys.modules.get("wandb")  # only if a logger has imported it: never import wandb just to close nothing
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
 
 
 def _copy_metrics(log_dir: Path, dest: Path) -> None:
