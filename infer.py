@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from cmb.conf_utils import hydra_entry
-from cmb.errors import CMBError, ConfigError, describe_scan_failure
+from cmb.errors import CMBError, ConfigError, DataError, describe_scan_failure
+from cmb.validate import check_infer
 
 log = logging.getLogger("cmb")
 
@@ -29,8 +31,12 @@ def main(cfg: DictConfig) -> None:
     for key in ("model_dir", "input", "output"):
         if not cfg.get(key):
             raise ConfigError(f"{key} is not set: python infer.py model_dir=RUN_DIR input=PATH output=DIR")
+    check_infer(cfg)
     files = list_inputs(cfg.input)
     out_dir = Path(cfg.output)
+    writable_parent = next(p for p in (out_dir, *out_dir.resolve().parents) if p.exists())
+    if not os.access(writable_parent, os.W_OK):
+        raise DataError(writable_parent, "output folder is not writable")
     if not cfg.overwrite:
         clashes = [p for f in files for p in output_paths(out_dir, nifti_stem(f)) if p.exists()]
         if clashes:

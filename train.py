@@ -24,7 +24,9 @@ log = logging.getLogger("cmb")
 @hydra_entry
 def main(cfg: DictConfig) -> float | None:
     from cmb.pipeline import FINAL, Experiment
+    from cmb.validate import check_train
 
+    check_train(cfg)  # values first: a refused command reads and writes nothing
     exp = Experiment(cfg)
     stage = str(cfg.stage)
     fold = FINAL if str(cfg.fold) == FINAL else cfg.fold

@@ -115,3 +115,19 @@ def dataset_from_run_config(node: Any, source: Path) -> Any:
     if any(_names_target(node[k]) for k in node if k != "_target_"):
         raise DataError(source, "a nested _target_ in the data settings is not allowed (a run folder is data, not code)")
     return instantiate_checked(node)
+
+
+def attach_run_log(run_dir: Path) -> Path:
+    """Also write this process's log records to `run_dir/logs/<script>-<time>-<pid>.log` (once per folder)."""
+    import time
+
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == (run_dir / "logs").resolve():
+            return Path(handler.baseFilename)
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    path = run_dir / "logs" / f"{Path(sys.argv[0]).stem or 'cmb'}-{time.strftime('%Y-%m-%d_%H-%M-%S')}-{os.getpid()}.log"
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    root.addHandler(handler)
+    return path

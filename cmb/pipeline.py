@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -38,14 +39,14 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from cmb.conf_utils import instantiate_checked, write_config_and_metadata
+from cmb.conf_utils import attach_run_log, instantiate_checked, write_config_and_metadata
 from cmb.data.io import atomic_write_text
 from cmb.data.patches import TrainingVolume, build_training_volume
 from cmb.data.preprocess import Preprocessed, preprocess_scan
 from cmb.data.readers import ScanDataset
 from cmb.data.scan import Scan
 from cmb.data.splits import make_or_load_splits, select_fold
-from cmb.errors import CMBError, ConfigError
+from cmb.errors import CMBError, ConfigError, DataError
 from cmb.eval.matching import Truth, hit_sets
 from cmb.eval.run_files import SETTINGS_FILE, candidate_settings
 from cmb.inference.candidates import Candidate, extract_candidates, read_candidates, write_candidates
@@ -79,19 +80,32 @@ class Experiment:
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.paths.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.dataset: ScanDataset = instantiate_checked(cfg.data)
         self.scan_ids = self.dataset.scan_ids()
-        self.splits = make_or_load_splits(self.run_dir, self.scan_ids, int(cfg.seed), cfg.get("splits_file"))
+        self.splits = make_or_load_splits(self.run_dir, self.scan_ids, int(cfg.seed), cfg.get("splits_file"), write=False)
         self._refuse_other_settings()
+        self._prepared = False
         self.pre_cfg = instantiate(cfg.preprocess)
         self.cache_dir = Path(cfg.paths.cache_dir)
         self.infer_cfg = Stage1InferenceConfig.from_cfg(cfg.inference.stage1)
         self.device = "cuda" if cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu"
         self._timing_path = self.run_dir / "timing.json"
         self._volumes: dict[str, TrainingVolume] = {}
+
+    def prepare(self) -> None:
+        """Create the run folder (splits.json, config.yaml, a log file) on the first step that writes; everything
+        the constructor and the entry points check comes first, so a refused command leaves no folder behind."""
+        if self._prepared:
+            return
+        writable_parent = next(p for p in (self.run_dir, *self.run_dir.parents) if p.exists())
+        if not os.access(writable_parent, os.W_OK):
+            raise DataError(writable_parent, "run folder is not writable")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        make_or_load_splits(self.run_dir, self.scan_ids, int(self.cfg.seed), self.cfg.get("splits_file"))
         if not (self.run_dir / "config.yaml").is_file():  # parallel per-fold jobs: evaluation needs the run's settings
-            write_config_and_metadata(self.run_dir, cfg, n_folds=self.n_folds)
+            write_config_and_metadata(self.run_dir, self.cfg, n_folds=self.n_folds)
+        attach_run_log(self.run_dir)
+        self._prepared = True
 
     # ---------------------------------------------------------------- folds and data
     @property
@@ -118,6 +132,7 @@ class Experiment:
 
     def add_time(self, key: str, seconds: float, count_key: str | None = None) -> None:
         """Accumulate wall time per phase in timing.json (seconds)."""
+        self.prepare()
         timing = json.loads(self._timing_path.read_text()) if self._timing_path.is_file() else {}
         timing[key] = round(timing.get(key, 0.0) + seconds, 3)
         if count_key:
@@ -200,6 +215,7 @@ class Experiment:
 
     def train_member(self, stage: str, fold: int | str, batch_size: int) -> Path:
         """Train one U-Net (`unet`) or discriminator (`cnn`) member; skipped when already done."""
+        self.prepare()
         out = self.member_dir(stage, fold, batch_size)
         if self.is_done(stage, fold, batch_size):
             log.info("%s: already trained, skipping", out)
@@ -399,6 +415,7 @@ class Experiment:
 
     def mine(self, fold: int | str) -> Path:
         """Save stage-1 false positives (combined map >= mining threshold) for the fold's training scans."""
+        self.prepare()
         out = self.fold_dir(fold) / "mimics"
         mode = str(self.cfg.mining.mode)
         thr = float(self.cfg.mining.threshold)
@@ -432,6 +449,7 @@ class Experiment:
     def _fresh_output_folder(self, fold: int, folder: str) -> Path:
         """`fold_<k>/<folder>`, emptied (with a warning) when its files came from other settings, then stamped
         with the current ones: derived files are recomputed, never reported on stale settings."""
+        self.prepare()
         out = self.fold_dir(fold) / folder
         settings = candidate_settings(self.cfg, folder)
         stamp = out / SETTINGS_FILE
@@ -521,6 +539,7 @@ class Experiment:
             self.stage2_heldout(int(fold))
 
     def run_all(self) -> dict[str, Any]:
+        self.prepare()
         write_config_and_metadata(self.run_dir, self.cfg, n_folds=self.n_folds)
         t0 = time.perf_counter()
         folds = list(range(self.n_folds)) if self.cfg.get("folds") in (None, "all") else [int(f) for f in self.cfg.folds]

@@ -139,6 +139,34 @@ def test_train_rejects_bad_fold_and_unknown_dataset(tmp_path: Path, tiny_synthet
     assert out.returncode == 2 and "missing: data root does not exist" in out.stderr
 
 
+@pytest.mark.parametrize("override, message", [
+    ("batch_size=0", "batch_size=0 is not allowed: a whole number >= 2"),
+    ("batch_size=1", "batch_size=1 is not allowed: a whole number >= 2 (batch norm"),
+    ("seed=abc", "seed='abc' is not allowed"),
+    ("inference.stage1_threshold=2", "inference.stage1_threshold=2 is not allowed: a number in (0, 1]"),
+    ("inference.stage1.mode=bogus", "inference.stage1.mode='bogus' is not allowed: one of fast, faithful"),
+    ("fold=9", "fold=9 is out of range"),
+])
+def test_bad_values_are_refused_at_the_door_before_any_folder_exists(tmp_path: Path, tiny_synthetic: Path, override: str,
+                                                                      message: str) -> None:
+    out = run_cli([*SMOKE, f"paths.runs_dir={tmp_path}", "name=door", override], tiny_synthetic)
+    errors = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and errors == [f"error: {message}" + errors[0].split(message, 1)[-1]] and message in errors[0]
+    assert list(tmp_path.iterdir()) == []  # no run folder, no Hydra log folder
+
+
+@pytest.mark.parametrize("override, message", [
+    ("threshold=2", "threshold=2 is not allowed: a number in [0, 1] or null"),
+    ("threshold=nan", "threshold=nan is not allowed"),
+    ("threshold=abc", "threshold='abc' is not allowed"),
+    ("stage1_mode=bogus", "stage1_mode='bogus' is not allowed: one of fast, faithful or null"),
+])
+def test_bad_infer_values_are_refused_before_any_work(tmp_path: Path, tiny_synthetic: Path, override: str, message: str) -> None:
+    out = run_cli([f"model_dir={tmp_path}", f"input={tmp_path}", f"output={tmp_path / 'out'}", override], tiny_synthetic, script="infer.py")
+    assert out.returncode == 2 and out.stderr.strip() == f"error: {message}" + out.stderr.strip().split(message, 1)[-1]
+    assert not (tmp_path / "out").exists()
+
+
 def test_cnn_member_says_what_is_missing(tmp_path: Path, tiny_synthetic: Path) -> None:
     out = run_cli(["stage=cnn", "fold=1", "batch_size=20", *SMOKE, f"paths.runs_dir={tmp_path}"], tiny_synthetic)
     assert out.returncode == 2
@@ -342,6 +370,7 @@ def test_members_from_other_settings_are_refused_before_anything_is_written(tmp_
 
     args = [*SMOKE, f"paths.cache_dir={tiny_synthetic}", f"paths.runs_dir={tmp_path}", "name=other"]
     exp = Experiment(_compose(args))
+    exp.prepare()
     member = exp.member_dir("unet", 0, 20)
     member.mkdir(parents=True)
     (member / "started.json").write_text(json.dumps({"settings_hash": exp.member_settings_hash("unet", 0, 20)}))

@@ -49,8 +49,10 @@ def validate_splits(splits: dict, scan_ids: list[str], source: str | Path) -> No
         raise DataError(source, f"scans never held out: {missing}")
 
 
-def make_or_load_splits(run_dir: Path, scan_ids: list[str], seed: int, splits_file: str | Path | None = None) -> dict:
-    """The run's splits: a user file if given, else `run_dir/splits.json` if present, else new.
+def make_or_load_splits(run_dir: Path, scan_ids: list[str], seed: int, splits_file: str | Path | None = None,
+                        write: bool = True) -> dict:
+    """The run's splits: a user file if given, else `run_dir/splits.json` if present, else new
+    (written to `run_dir/splits.json` unless `write` is False).
 
     An existing `splits.json` that disagrees with the requested splits is an error
     (never silently replaced).
@@ -73,7 +75,8 @@ def make_or_load_splits(run_dir: Path, scan_ids: list[str], seed: int, splits_fi
         if existing.get("folds") != splits["folds"]:
             raise DataError(target, "this run folder already has different splits (other seed, data or splits file); use a new run name")
         return existing
-    atomic_write_text(json.dumps(splits, indent=1), target)
+    if write:
+        atomic_write_text(json.dumps(splits, indent=1), target)
     return splits
 
 
