@@ -30,8 +30,9 @@ def test_unet_shapes_on_window_and_tile() -> None:
 
 
 @pytest.mark.parametrize(("channels", "local_contrast", "blob_contrast"),
-                         [((4, 8), None, None), ((4, 8, 16), None, None), ((4, 8), (9, 9, 5), None), ((4, 8), (9, 9, 5), (9, 9, 5)),
-                          ((4, 8), (3, 3, 3), (5, 5, 3))])
+                         [((4, 8), None, None), ((4, 8, 16), None, None), ((4, 8), (9, 9, 5), None),
+                          pytest.param((4, 8), (9, 9, 5), (9, 9, 5), marks=pytest.mark.slow),
+                          pytest.param((4, 8), (3, 3, 3), (5, 5, 3), marks=pytest.mark.slow)])
 def test_unet_receptive_field_matches_the_voxels_an_output_depends_on(channels: tuple[int, ...], local_contrast, blob_contrast) -> None:
     torch.manual_seed(0)
     net = UNet3D(channels=channels, local_contrast=local_contrast, blob_contrast=blob_contrast).eval()
@@ -159,6 +160,7 @@ def _steps(module, dataset, steps: int, batch: int = 8) -> list[float]:
     return losses
 
 
+@pytest.mark.slow
 def test_stage1_training_lowers_loss(monkeypatch) -> None:
     torch.manual_seed(0)
     module = Stage1Module(UNet3D(channels=(8, 16, 32)), DiceCELoss(sigmoid=True, batch=True), lambda p: torch.optim.AdamW(p, lr=3e-3), 30)
