@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from cmb.conf_utils import hydra_entry
-from cmb.errors import CMBError, ConfigError, DataError, describe_scan_failure
+from cmb.errors import CMBError, ConfigError, describe_scan_failure
 from cmb.validate import check_infer
 
 log = logging.getLogger("cmb")
@@ -25,7 +24,7 @@ log = logging.getLogger("cmb")
 @hydra.main(version_base="1.3", config_path="conf", config_name="infer")
 @hydra_entry
 def main(cfg: DictConfig) -> None:
-    from cmb.data.io import nifti_stem
+    from cmb.data.io import nifti_stem, require_writable
     from cmb.inference.predictor import Predictor, list_inputs, output_paths, write_outputs
 
     for key in ("model_dir", "input", "output"):
@@ -34,9 +33,7 @@ def main(cfg: DictConfig) -> None:
     check_infer(cfg)
     files = list_inputs(cfg.input)
     out_dir = Path(cfg.output)
-    writable_parent = next(p for p in (out_dir, *out_dir.resolve().parents) if p.exists())
-    if not os.access(writable_parent, os.W_OK):
-        raise DataError(writable_parent, "output folder is not writable")
+    require_writable(out_dir, "output folder")
     if not cfg.overwrite:
         clashes = [p for f in files for p in output_paths(out_dir, nifti_stem(f)) if p.exists()]
         if clashes:

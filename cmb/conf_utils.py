@@ -101,19 +101,40 @@ DATASET_TARGETS = ("cmb.data.readers.NiftiDataset", "cmb.data.readers.ValdoDatas
                    "cmb.data.readers.SyntheticDataset")
 
 
+def names_target(value: Any) -> bool:
+    """Whether a config value (or anything nested in it) carries a `_target_` key."""
+    from omegaconf import DictConfig, ListConfig
+
+    if isinstance(value, (dict, DictConfig)):
+        return "_target_" in value or any(names_target(v) for v in value.values())
+    if isinstance(value, (list, tuple, ListConfig)):
+        return any(names_target(v) for v in value)
+    return False
+
+
+def refuse_code(node: Any, key: str, allowed: tuple[str | None, ...], allowed_what: str, source: str | Path) -> None:
+    """A saved config node may name only an allow-listed `_target_` and no nested one: a run folder is data,
+    never code. Raises `DataError` naming `source`."""
+    from cmb.errors import DataError
+
+    target = node.get("_target_")
+    if target not in allowed:
+        raise DataError(source, f"{key}._target_ {target!r} is not allowed: it is not one of {allowed_what} "
+                                f"{[a for a in allowed if a]}")
+    if any(names_target(node[k]) for k in node if k != "_target_"):
+        raise DataError(source, f"a nested _target_ in the {key} settings is not allowed (a run folder is data, not code)")
+
+
 def dataset_from_run_config(node: Any, source: Path) -> Any:
     """The dataset of a saved run config, built only from an allow-listed reader class with plain values:
     a run folder is data, never code, so nothing else it names is imported or called."""
     from omegaconf import DictConfig
 
-    from cmb.data.preprocess import _names_target
     from cmb.errors import DataError
 
-    if not isinstance(node, DictConfig) or node.get("_target_") not in DATASET_TARGETS:
-        raise DataError(source, f"data._target_ {node.get('_target_') if isinstance(node, DictConfig) else node!r} is not "
-                                f"one of the dataset readers {list(DATASET_TARGETS)}")
-    if any(_names_target(node[k]) for k in node if k != "_target_"):
-        raise DataError(source, "a nested _target_ in the data settings is not allowed (a run folder is data, not code)")
+    if not isinstance(node, DictConfig):
+        raise DataError(source, f"data settings {node!r} are not a mapping")
+    refuse_code(node, "data", DATASET_TARGETS, "the dataset readers", source)
     return instantiate_checked(node)
 
 

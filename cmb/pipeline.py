@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -40,13 +39,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cmb.conf_utils import attach_run_log, instantiate_checked, write_config_and_metadata
-from cmb.data.io import atomic_write_text
+from cmb.data.io import atomic_write_text, require_writable
 from cmb.data.patches import TrainingVolume, build_training_volume
 from cmb.data.preprocess import Preprocessed, preprocess_scan
 from cmb.data.readers import ScanDataset
 from cmb.data.scan import Scan
 from cmb.data.splits import make_or_load_splits, select_fold
-from cmb.errors import CMBError, ConfigError, DataError
+from cmb.errors import CMBError, ConfigError
 from cmb.eval.matching import Truth, hit_sets
 from cmb.eval.run_files import SETTINGS_FILE, candidate_settings
 from cmb.inference.candidates import Candidate, extract_candidates, read_candidates, write_candidates
@@ -97,9 +96,7 @@ class Experiment:
         the constructor and the entry points check comes first, so a refused command leaves no folder behind."""
         if self._prepared:
             return
-        writable_parent = next(p for p in (self.run_dir, *self.run_dir.parents) if p.exists())
-        if not os.access(writable_parent, os.W_OK):
-            raise DataError(writable_parent, "run folder is not writable")
+        require_writable(self.run_dir, "run folder")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         make_or_load_splits(self.run_dir, self.scan_ids, int(self.cfg.seed), self.cfg.get("splits_file"))
         if not (self.run_dir / "config.yaml").is_file():  # parallel per-fold jobs: evaluation needs the run's settings
@@ -195,20 +192,23 @@ class Experiment:
             fold = member.parent.name.removeprefix("fold_")
             if stage not in STAGES or not bs.isdigit() or not (fold == FINAL or fold.isdigit()):
                 continue
-            try:
-                saved = json.loads(stamp.read_text()).get("settings_hash")
-            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-                raise ConfigError(f"{stamp}: unreadable; delete the member folder {member} to retrain it") from None
-            if saved != self.member_settings_hash(stage, fold if fold == FINAL else int(fold), int(bs)):
+            if not self._stamp_matches(stamp, stage, fold if fold == FINAL else int(fold), int(bs)):
                 raise ConfigError(f"{member}: this member was trained with other settings; use a new run (name=...) or delete "
                                   "the member folder (nothing was written)")
+
+    def _stamp_matches(self, stamp: Path, stage: str, fold: int | str, batch_size: int) -> bool:
+        """Whether a member's done.json or started.json records the settings hash of the current config."""
+        try:
+            saved = json.loads(stamp.read_text()).get("settings_hash")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            raise ConfigError(f"{stamp}: unreadable; delete the member folder {stamp.parent} to retrain it") from None
+        return saved == self.member_settings_hash(stage, fold, batch_size)
 
     def is_done(self, stage: str, fold: int | str, batch_size: int) -> bool:
         done = self.member_dir(stage, fold, batch_size) / "done.json"
         if not done.is_file():
             return False
-        saved = json.loads(done.read_text()).get("settings_hash")
-        if saved != self.member_settings_hash(stage, fold, batch_size):
+        if not self._stamp_matches(done, stage, fold, batch_size):
             raise ConfigError(f"{done.parent}: this member was trained with other settings; "
                               "use a new run (name=...) or delete the member folder")
         return True
@@ -222,7 +222,7 @@ class Experiment:
             return out
         split = self.fold_split(fold)
         started = out / "started.json"  # an unfinished member resumes only under the settings it started with
-        if started.is_file() and json.loads(started.read_text()).get("settings_hash") != self.member_settings_hash(stage, fold, batch_size):
+        if started.is_file() and not self._stamp_matches(started, stage, fold, batch_size):
             raise ConfigError(f"{out}: this unfinished member was started with other settings; use a new run (name=...) or delete "
                               "the member folder")
         mimics_dir = None

@@ -147,6 +147,14 @@ def atomic_save_nifti(data: np.ndarray, affine: np.ndarray, path: str | Path, *,
     return path
 
 
+def require_writable(folder: str | Path, what: str) -> None:
+    """Refuse up front (`DataError`) when `folder`, or the nearest part of it that exists, cannot be written."""
+    folder = Path(folder).resolve()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not os.access(existing, os.W_OK):
+        raise DataError(existing, f"{what} is not writable")
+
+
 def atomic_write_text(text: str, path: str | Path) -> Path:
     """Write text through a temporary file and rename."""
     path = Path(path)

@@ -25,6 +25,7 @@ import SimpleITK as sitk
 from monai.transforms import Compose, MapTransform
 from scipy import ndimage
 
+from cmb.conf_utils import refuse_code
 from cmb.data.io import load_volume, to_canonical
 from cmb.data.scan import Scan
 from cmb.errors import DataError
@@ -59,30 +60,14 @@ class PreprocessConfig:
         if not isinstance(settings, (dict, DictConfig)):
             raise DataError(source, "preprocess settings are not a mapping")
         node = OmegaConf.create(settings) if isinstance(settings, dict) else settings
-        if any(_names_target(node[k]) for k in node if k != "_target_"):
-            raise DataError(source, "a nested _target_ in the preprocess settings is not allowed (a run folder is data, not code)")
+        refuse_code(node, "preprocess", (None, f"{cls.__module__}.{cls.__qualname__}"), "cmb's preprocessing settings", source)
         # values taken from the node as they are, so the preprocessing cache key matches a config built by Hydra
         values = {k: node[k] for k in node if k != "_target_"}
-        target = node.get("_target_")
-        if target not in (None, f"{cls.__module__}.{cls.__qualname__}"):
-            raise DataError(source, f"preprocess._target_ {target!r} is not allowed; a run folder may only name "
-                                    f"{cls.__module__}.{cls.__qualname__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise DataError(source, f"unknown preprocess setting(s) {unknown}; known: {sorted(known)}")
         return cls(**values)
-
-
-def _names_target(value: Any) -> bool:
-    """Whether a config value (or anything nested in it) carries a `_target_` key."""
-    from omegaconf import DictConfig, ListConfig
-
-    if isinstance(value, (dict, DictConfig)):
-        return "_target_" in value or any(_names_target(v) for v in value.values())
-    if isinstance(value, (list, tuple, ListConfig)):
-        return any(_names_target(v) for v in value)
-    return False
 
 
 def _sitk_image(array: np.ndarray, spacing: tuple[float, ...]) -> sitk.Image:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from cmb.eval.froc import CPM_RATES, froc_curve, sensitivities_at
-from cmb.eval.matching import FP
 from cmb.eval.run_files import ScanRecord
+from cmb.eval.scan_metrics import scan_counts
 
 
 @dataclass
@@ -29,13 +29,9 @@ class BootstrapResult:
 
 
 def _point_counts(records: list[ScanRecord], thresholds: list[float], stage: str) -> tuple[np.ndarray, np.ndarray]:
-    tp, fp = [], []
-    for r, t in zip(records, thresholds):
-        det = getattr(r, stage)
-        keep = det.scores >= t
-        tp.append(int((det.status[keep] >= 0).sum()))
-        fp.append(int((det.status[keep] == FP).sum()))
-    return np.array(tp), np.array(fp)
+    """Per scan (TP, FP) of `stage` at that scan's threshold."""
+    counts = [scan_counts(getattr(r, stage).scores, getattr(r, stage).status, r.n_cmbs, t) for r, t in zip(records, thresholds)]
+    return np.array([c["tp"] for c in counts]), np.array([c["fp"] for c in counts])
 
 
 def bootstrap(records: list[ScanRecord], points: dict[str, tuple[str, list[float]]], n_resamples: int = 1000, seed: int = 0,

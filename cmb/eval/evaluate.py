@@ -17,6 +17,7 @@ Two kinds of operating point are reported and labelled as such:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -146,20 +147,21 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig | None = None) -> dict[str
     boot_seed = int(boot_cfg.get("seed") if boot_cfg.get("seed") is not None else splits.get("seed") or 0)
     level = float(boot_cfg.get("level", 0.95))
     fold_thr = {f["fold"]: f["threshold"] for f in nested["per_fold"]} if nested else {}
+    nested_thr = [fold_thr[r.fold] for r in records] if nested else []
     boot_points: dict[str, tuple[str, list[float]]] = {"chosen_operating_point": ("two_stage", [chosen["threshold"]] * n_scans),
                                                        "stage1": ("stage1", [s1_thr] * n_scans)}
     if nested:
-        boot_points["nested_operating_point"] = ("two_stage", [fold_thr[r.fold] for r in records])
+        boot_points["nested_operating_point"] = ("two_stage", nested_thr)
     boot = bootstrap(records, boot_points, n_resamples=n_resamples, seed=boot_seed, level=level)
 
     per_scan = _per_scan(records, [chosen["threshold"]] * n_scans)
-    per_scan_nested = _per_scan(records, [fold_thr[r.fold] for r in records]) if nested else None
+    per_scan_nested = _per_scan(records, nested_thr) if nested else None
     by_size = {"two_stage_chosen": sensitivity_by_size([(r.diameters_mm, found_cmbs(r.two_stage.scores, r.two_stage.status, chosen["threshold"]))
                                                         for r in records]),
                "stage1": sensitivity_by_size([(r.diameters_mm, found_cmbs(r.stage1.scores, r.stage1.status, s1_thr)) for r in records])}
     if nested:
-        by_size["two_stage_nested"] = sensitivity_by_size([(r.diameters_mm, found_cmbs(r.two_stage.scores, r.two_stage.status, fold_thr[r.fold]))
-                                                           for r in records])
+        by_size["two_stage_nested"] = sensitivity_by_size([(r.diameters_mm, found_cmbs(r.two_stage.scores, r.two_stage.status, t))
+                                                           for r, t in zip(records, nested_thr)])
 
     timing = json.loads((run_dir / "timing.json").read_text()) if (run_dir / "timing.json").is_file() else {}
     n_inf = max(1, int(timing.get("n_stage1_scans", 0)))
@@ -215,12 +217,12 @@ def summary_lines(results: dict) -> str:
 
 
 def _write_points_csv(path: Path, two_stage: list[dict], stage1: list[dict]) -> None:
-    with open(path.with_name(f".{path.name}.tmp"), "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["stage", "threshold", "sensitivity", "fp_per_scan", "tp", "fp"])
-        for stage, pts in (("stage1", stage1), ("two_stage", two_stage)):
-            writer.writerows([stage, p["threshold"], f"{p['sensitivity']:.4f}", f"{p['fp_per_scan']:.4f}", p["tp"], p["fp"]] for p in pts)
-    path.with_name(f".{path.name}.tmp").replace(path)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["stage", "threshold", "sensitivity", "fp_per_scan", "tp", "fp"])
+    for stage, pts in (("stage1", stage1), ("two_stage", two_stage)):
+        writer.writerows([stage, p["threshold"], f"{p['sensitivity']:.4f}", f"{p['fp_per_scan']:.4f}", p["tp"], p["fp"]] for p in pts)
+    atomic_write_text(buffer.getvalue(), path)
 
 
 def _log_wandb(run_dir: Path, results: dict, points: list[dict]) -> None:
