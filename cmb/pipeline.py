@@ -27,6 +27,7 @@ import json
 import logging
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -52,8 +53,8 @@ from cmb.inference.candidates import Candidate, extract_candidates, read_candida
 from cmb.inference.stage1 import Stage1InferenceConfig, ensemble_probability, predict_probability
 from cmb.inference.stage2 import score_candidates
 from cmb.models.checkpoint import load_model, save_model
-from cmb.models.health import is_capped, replay_weights, training_cmb_peaks
-from cmb.models.lightning import PatchDataModule, Stage1Module, Stage2Module
+from cmb.models.health import ReplaySchedule, is_capped, training_cmb_peaks
+from cmb.models.lightning import PatchDataModule, Stage1Module, Stage2Module, StepSeed
 
 log = logging.getLogger(__name__)
 STAGES = ("unet", "cnn")
@@ -323,30 +324,19 @@ class Experiment:
         module = Stage1Module(net, instantiate(self.cfg.model.loss), optimizer, steps)
         replay = rcfg.get("replay")
         names = [f"{v.scan_id}:{i}" for v in volumes for i in range(len(v.cmb_centres))]
-        slipping_per_epoch: list[int] = []
-        replayed = np.zeros(len(names), dtype=bool)
-
-        def positive_weights() -> np.ndarray | None:
-            """Start of each epoch: a training CMB that has slipped below `replay.below` is drawn more often
-            for the rest of the round (once slipped, kept: a CMB let go as soon as it is back slips again)."""
-            slipping = training_cmb_peaks(net, volumes) < float(replay.below)
-            slipping_per_epoch.append(int(slipping.sum()))
-            replayed[:] |= slipping
-            return replay_weights(replayed, float(replay.share))
-
+        schedule = ReplaySchedule(net, volumes, float(replay.below), float(replay.share)) if replay else None
         net.train()  # Lightning keeps the train/eval mode it finds; this round must train batch norm too
         trainer = self._fit(module, self.cfg.model, volumes, batch_size, dict(rcfg.sampling), seed + 1, out / "refine", steps,
-                            f"unet_bs{batch_size}_fold{fold}_refine", out / "refine_metrics.csv",
-                            positive_weights if replay else None)
+                            f"unet_bs{batch_size}_fold{fold}_refine", out / "refine_metrics.csv", schedule)
         n_negatives = sum(len(read_candidates(negatives / f"{s}.csv")[0]) for s in scans)
         peaks = training_cmb_peaks(net, volumes)
         record: dict[str, Any] = {"steps": int(trainer.global_step), "hard_negatives": n_negatives, "scans": scans,
                                   "final_loss": _last_metric(out / "refine_metrics.csv", "train/loss"),
                                   "training_cmb_peak_min": round(float(peaks.min()), 4) if len(peaks) else None,
                                   "training_cmbs_below_0.5": {n: round(float(p), 4) for n, p in zip(names, peaks) if p < 0.5}}
-        if replay:
-            record["replay_slipping_per_epoch"] = slipping_per_epoch
-            record["replayed"] = [n for n, r in zip(names, replayed) if r]
+        if schedule is not None:
+            record["replay_slipping_per_epoch"] = schedule.slipping_per_epoch
+            record["replayed"] = [n for n, r in zip(names, schedule.replayed) if r]
         return record
 
     def false_positives(self, prob: np.ndarray, threshold: float, scan: Scan) -> list[Candidate]:
@@ -365,7 +355,7 @@ class Experiment:
         data = PatchDataModule(volumes, batch_size, int(scfg.steps_per_epoch), mix, seed=seed, max_shift=int(scfg.max_shift),
                                negative_shift=scfg.get("negative_shift"), num_workers=int(self.cfg.trainer.num_workers),
                                transplant=transplant, positive_weights=positive_weights)
-        trainer = self._trainer(out, max_steps, run_name)
+        trainer = self._trainer(out, max_steps, run_name, seed)
         last = out / "checkpoints" / "last.ckpt"
         if last.is_file():
             log.info("%s: resuming from %s", out, last)
@@ -374,10 +364,11 @@ class Experiment:
             trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.is_file() else None, weights_only=True)
         finally:
             _finish_wandb_run()
-        _copy_metrics(out / "csv", metrics_to)
+        merge_metrics(out / "csv", metrics_to)
         return trainer
 
-    def _trainer(self, out: Path, max_steps: int, run_name: str) -> pl.Trainer:
+    def _trainer(self, out: Path, max_steps: int, run_name: str, seed: int) -> pl.Trainer:
+        """A Trainer that logs and checkpoints under `out`; each step's random draws come from (seed, step) (StepSeed)."""
         tcfg = self.cfg.trainer
         loggers = []
         for lg in (self.cfg.logger.values() if self.cfg.get("logger") else []):
@@ -389,8 +380,10 @@ class Experiment:
                                             every_n_train_steps=int(tcfg.checkpoint_every_n_steps))
         if tcfg.get("threads"):
             torch.set_num_threads(int(tcfg.threads))
+        # PatchDataModule resumes mid-epoch at the right batch (from the global step); Lightning cannot see that
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
         return pl.Trainer(max_steps=max_steps, accelerator=tcfg.accelerator, devices=tcfg.devices, strategy=tcfg.strategy,
-                          precision=tcfg.precision, logger=loggers, callbacks=[ckpt], log_every_n_steps=int(tcfg.log_every_n_steps),
+                          precision=tcfg.precision, logger=loggers, callbacks=[ckpt, StepSeed(seed)], log_every_n_steps=int(tcfg.log_every_n_steps),
                           enable_progress_bar=bool(tcfg.enable_progress_bar), enable_model_summary=False,
                           reload_dataloaders_every_n_epochs=1, deterministic=bool(tcfg.deterministic), num_sanity_val_steps=0,
                           limit_val_batches=0)
@@ -582,10 +575,37 @@ def _finish_wandb_run() -> None:
         wandb.finish()
 
 
-def _copy_metrics(log_dir: Path, dest: Path) -> None:
-    metrics = sorted(log_dir.glob("**/metrics.csv"))
-    if metrics:
-        shutil.copy(metrics[-1], dest)
+def merge_metrics(log_dir: Path, dest: Path) -> None:
+    """Write to `dest` the whole metrics history of a member from the CSVLogger versions under `log_dir`.
+
+    Each resume writes a new `version_<n>/metrics.csv` that starts at the resumed step; rows of
+    earlier versions at or after that step (trained again after the kill) are dropped.
+    """
+    import csv
+    import io
+
+    def version(path: Path) -> int:
+        name = path.parent.name
+        return int(name.rsplit("_", 1)[-1]) if name.rsplit("_", 1)[-1].isdigit() else -1
+
+    rows: list[dict[str, str]] = []
+    columns: list[str] = []
+    for path in sorted(log_dir.glob("**/metrics.csv"), key=version):
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            new_rows = list(reader)
+            columns += [c for c in reader.fieldnames or [] if c not in columns]
+        steps = [int(r["step"]) for r in new_rows if r.get("step", "").isdigit()]
+        if steps:
+            rows = [r for r in rows if not r.get("step", "").isdigit() or int(r["step"]) < min(steps)]
+        rows += new_rows
+    if not columns:
+        return
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(text.getvalue(), dest)
 
 
 def _last_metric(path: Path, name: str) -> float | None:

@@ -84,7 +84,9 @@ def test_positive_weights_steer_which_training_cmb_is_drawn() -> None:
         PatchDataset([vol], 8, {"positive": 1.0}, positive_weights=np.ones(2))
 
 
-def test_the_data_module_asks_for_positive_weights_every_epoch() -> None:
+def test_the_data_module_asks_for_positive_weights_once_every_epoch() -> None:
+    from types import SimpleNamespace
+
     calls = []
 
     def weights() -> np.ndarray:
@@ -92,8 +94,14 @@ def test_the_data_module_asks_for_positive_weights_every_epoch() -> None:
         return np.array([0.0, 1.0, 0.0])
 
     data = PatchDataModule([_volume()], batch_size=4, steps_per_epoch=2, mix={"positive": 1.0}, positive_weights=weights)
-    for expected in (1, 2):
+    for epoch, expected in ((0, 1), (0, 1), (1, 2)):  # Lightning may build a loader twice for one epoch (a resume)
+        data.trainer = SimpleNamespace(current_epoch=epoch, global_step=2 * epoch, world_size=1)
         loader = data.train_dataloader()
         assert len(calls) == expected
         np.testing.assert_allclose(loader.dataset.positive_p, [0.0, 1.0, 0.0])
+    resumed = PatchDataModule([_volume()], batch_size=4, steps_per_epoch=2, mix={"positive": 1.0}, positive_weights=weights)
+    resumed.load_state_dict(data.state_dict())  # the epoch's weights travel with the checkpoint
+    resumed.trainer = SimpleNamespace(current_epoch=1, global_step=3, world_size=1)
+    loader = resumed.train_dataloader()
+    assert len(calls) == 2 and list(loader.sampler) == [4, 5, 6, 7]  # mid-epoch: the batch not yet trained on
     assert PatchDataModule([_volume()], 4, 2, {"positive": 1.0}).train_dataloader().dataset.positive_p is None

@@ -66,3 +66,32 @@ def replay_weights(slipping: np.ndarray, share: float) -> np.ndarray | None:
     if not slipping.any():
         return None
     return (1.0 - share) / len(slipping) + share * slipping / slipping.sum()
+
+
+class ReplaySchedule:
+    """Positive draw weights for each epoch of a hard-negative round (`PatchDataModule.positive_weights`).
+
+    Called at the start of every epoch: the member scores its own training CMBs; one below
+    `below` is flagged for the rest of the round (once slipped, kept: a CMB let go as soon as it
+    is back slips again), and the flagged CMBs share `share` of the positive draws
+    (`replay_weights`). Its record (`slipping_per_epoch`, `replayed`) is checkpointed with the
+    member (`state_dict`), so a resumed round goes on where it was.
+    """
+
+    def __init__(self, net: nn.Module, volumes: list[TrainingVolume], below: float, share: float) -> None:
+        self.net, self.volumes, self.below, self.share = net, volumes, float(below), float(share)
+        self.replayed = np.zeros(sum(len(v.cmb_centres) for v in volumes), dtype=bool)
+        self.slipping_per_epoch: list[int] = []
+
+    def __call__(self) -> np.ndarray | None:
+        slipping = training_cmb_peaks(self.net, self.volumes) < self.below
+        self.slipping_per_epoch.append(int(slipping.sum()))
+        self.replayed |= slipping
+        return replay_weights(self.replayed, self.share)
+
+    def state_dict(self) -> dict:
+        return {"replayed": self.replayed.tolist(), "slipping_per_epoch": list(self.slipping_per_epoch)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.replayed = np.asarray(state["replayed"], dtype=bool)
+        self.slipping_per_epoch = [int(n) for n in state["slipping_per_epoch"]]

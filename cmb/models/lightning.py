@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from cmb.data.patches import PatchDataset, TrainingVolume
 
@@ -69,8 +70,14 @@ class PatchDataModule(pl.LightningDataModule):
 
     Use with `reload_dataloaders_every_n_epochs=1` so each epoch (and a resumed run) draws new samples.
     `transplant`: {"sites": [...], "gamma": [lo, hi]} for the mix's "transplant" windows (PatchDataset).
-    `positive_weights`: called at the start of every epoch; returns the positives' draw weights
-    for that epoch (PatchDataset) or None (uniform).
+    `positive_weights`: called once at the start of every epoch; returns the positives' draw weights
+    for that epoch (PatchDataset) or None (uniform). If it has `state_dict`/`load_state_dict`
+    (e.g. `cmb.models.health.ReplaySchedule`), that state travels with the checkpoint.
+
+    Resume is exact: samples are a pure function of (seed, epoch, index), a loader built for a run
+    resumed mid-epoch starts at the first batch not yet trained on (from the restored global step),
+    and the epoch's positive weights are stored in the checkpoint (`state_dict`), not recomputed
+    from the half-trained net.
     """
 
     def __init__(self, volumes: list[TrainingVolume], batch_size: int, steps_per_epoch: int, mix: dict[str, float], seed: int = 0,
@@ -81,12 +88,95 @@ class PatchDataModule(pl.LightningDataModule):
         self.mix, self.seed, self.max_shift, self.negative_shift, self.num_workers = dict(mix), seed, max_shift, negative_shift, num_workers
         self.transplant = {f"transplant_{k}": tuple(v) for k, v in (transplant or {}).items()}  # sites, gamma (PatchDataset)
         self.positive_weights = positive_weights
+        self._epoch_weights: tuple[int, np.ndarray | None] | None = None  # (epoch, its positive weights)
+
+    def _weights_for(self, epoch: int) -> np.ndarray | None:
+        """The positives' draw weights of `epoch`, computed once per epoch (a loader may be built twice for one)."""
+        if self.positive_weights is None:
+            return None
+        if self._epoch_weights is None or self._epoch_weights[0] != epoch:
+            self._epoch_weights = (epoch, self.positive_weights())
+        return self._epoch_weights[1]
+
+    def _first_batch(self, epoch: int) -> int:
+        """Index of the first batch of `epoch` not yet trained on: > 0 only in a run resumed mid-epoch
+        (one device; several devices restart the epoch, as Lightning does)."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size > 1:
+            return 0
+        done = int(trainer.global_step) - epoch * self.steps_per_epoch
+        return done if 0 < done < self.steps_per_epoch else 0
 
     def train_dataloader(self) -> DataLoader:
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        dataset = PatchDataset(self.volumes, self.steps_per_epoch * self.batch_size, self.mix, seed=self.seed,
+        n_samples = self.steps_per_epoch * self.batch_size
+        dataset = PatchDataset(self.volumes, n_samples, self.mix, seed=self.seed,
                                max_shift=self.max_shift, negative_shift=self.negative_shift, **self.transplant,
-                               positive_weights=self.positive_weights() if self.positive_weights else None)
+                               positive_weights=self._weights_for(epoch))
         dataset.set_epoch(epoch)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers, drop_last=True,
-                          persistent_workers=False)
+        first = self._first_batch(epoch)
+        sampler = ResumeSampler(n_samples, first * self.batch_size) if first else None
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, sampler=sampler, num_workers=self.num_workers,
+                          drop_last=True, persistent_workers=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        if self._epoch_weights is not None:
+            epoch, weights = self._epoch_weights
+            state["epoch_weights"] = {"epoch": int(epoch), "weights": None if weights is None else [float(w) for w in weights]}
+        if hasattr(self.positive_weights, "state_dict"):
+            state["positive_weights"] = self.positive_weights.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("epoch_weights")
+        if saved is not None:
+            weights = saved["weights"]
+            self._epoch_weights = (int(saved["epoch"]), None if weights is None else np.asarray(weights, dtype=float))
+        if "positive_weights" in state_dict and hasattr(self.positive_weights, "load_state_dict"):
+            self.positive_weights.load_state_dict(state_dict["positive_weights"])
+
+
+class ResumeSampler(Sampler[int]):
+    """Indices `first`..`n_samples`-1 in order, while claiming the full length `n_samples`.
+
+    Lightning restores a mid-epoch run's batch counter and ends the epoch after `len(loader)`
+    batches in all, so the loader of the resumed epoch keeps the epoch's length and yields only
+    the batches not yet trained on (written here: torch has no sampler that starts at an offset).
+    """
+
+    def __init__(self, n_samples: int, first: int) -> None:
+        self.n_samples, self.first = int(n_samples), int(first)
+
+    def __len__(self) -> int:
+        return self.n_samples
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.first, self.n_samples))
+
+
+class StepSeed(pl.Callback):
+    """Seeds torch (every device), numpy and `random` before each training step from (seed, global step).
+
+    Whatever a step draws (dropout masks) is then a function of the seed and the step alone, so a
+    member killed at any step and resumed from its checkpoint trains exactly as an uninterrupted
+    one, whatever else consumed random numbers in between (data-loader start-up, a rebuilt loader).
+    The seed is stored in the checkpoint; resuming under another seed is refused.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        step_seed = int(np.random.SeedSequence([self.seed, int(trainer.global_step)]).generate_state(1)[0])
+        torch.manual_seed(step_seed)
+        np.random.seed(step_seed)
+        random.seed(step_seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if int(state_dict.get("seed", self.seed)) != self.seed:
+            raise ValueError(f"this checkpoint was trained with seed {state_dict['seed']}, not {self.seed}; it cannot be resumed "
+                             "under another seed")
