@@ -15,8 +15,8 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from cmb.conf_utils import hydra_entry
-from cmb.errors import CMBError, ConfigError, describe_scan_failure
-from cmb.validate import check_infer
+from cmb.errors import CMBError, ConfigError, describe_scan_failure, exit_on_user_error
+from cmb.validate import check_command_line, check_infer
 
 log = logging.getLogger("cmb")
 
@@ -25,7 +25,7 @@ log = logging.getLogger("cmb")
 @hydra_entry
 def main(cfg: DictConfig) -> None:
     from cmb.data.io import nifti_stem, require_writable
-    from cmb.inference.predictor import Predictor, list_inputs, output_paths, write_outputs
+    from cmb.inference.predictor import Predictor, list_inputs, output_paths, write_output_index, write_outputs
 
     for key in ("model_dir", "input", "output"):
         if not cfg.get(key):
@@ -48,10 +48,13 @@ def main(cfg: DictConfig) -> None:
         except Exception as err:  # one bad scan never stops a batch: every failure is one line, the other scans are written
             failed.append(path)
             print(f"error: {describe_scan_failure(err, path)} (skipped)", file=sys.stderr, flush=True)
+    if len(failed) < len(files):
+        print(f"index of the output folder: {write_output_index(out_dir)}", flush=True)
     if failed:
         print(f"error: {len(failed)} of {len(files)} scans failed: {', '.join(p.name for p in failed)}", file=sys.stderr)
         sys.exit(2)
 
 
 if __name__ == "__main__":
+    exit_on_user_error(check_command_line)("infer", sys.argv[1:], "infer.py")  # a mistyped key: one line, exit 2
     main()

@@ -10,12 +10,14 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
 from cmb.conf_utils import hydra_entry
-from cmb.errors import ConfigError
+from cmb.errors import ConfigError, exit_on_user_error
+from cmb.validate import check_command_line
 
 log = logging.getLogger("cmb")
 
@@ -56,4 +58,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    exit_on_user_error(check_command_line)("train", sys.argv[1:], "train.py")  # a mistyped key: one line, exit 2
     main()

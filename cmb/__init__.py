@@ -4,3 +4,25 @@ __version__ = "0.1.0"
 
 WINDOW: tuple[int, int, int] = (20, 20, 16)
 """Network window in voxels along (i, j, k); k is the slice axis of an axial SWI."""
+
+
+def user_cache_dir() -> str:
+    """Where `cmb` caches the synthetic phantom and preprocessed scans, wherever it is run from:
+    `$CMB_CACHE`, else `$XDG_CACHE_HOME/cmb`, else `~/.cache/cmb` (the config's `paths.cache_dir`)."""
+    import os
+    from pathlib import Path
+
+    if os.environ.get("CMB_CACHE"):
+        return str(Path(os.environ["CMB_CACHE"]).expanduser())
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base).expanduser() / "cmb")
+
+
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("cmb.user_cache"):
+        OmegaConf.register_new_resolver("cmb.user_cache", user_cache_dir)
+
+
+_register_resolvers()

@@ -48,7 +48,7 @@ from cmb.data.scan import Scan
 from cmb.data.splits import make_or_load_splits, select_fold
 from cmb.errors import CMBError, ConfigError
 from cmb.eval.matching import Truth, hit_sets
-from cmb.eval.run_files import SETTINGS_FILE, candidate_settings
+from cmb.eval.run_files import SETTINGS_FILE, folder_settings
 from cmb.inference.candidates import Candidate, extract_candidates, read_candidates, write_candidates
 from cmb.inference.stage1 import Stage1InferenceConfig, ensemble_probability, predict_probability
 from cmb.inference.stage2 import score_candidates
@@ -166,6 +166,7 @@ class Experiment:
         keep = {"stage": OmegaConf.to_container(self.stage_cfg(stage), resolve=True), "data": OmegaConf.to_container(self.cfg.data, resolve=True),
                 "preprocess": OmegaConf.to_container(self.cfg.preprocess, resolve=True), "seed": int(self.cfg.seed),
                 "batch_size": int(batch_size), "split": self.fold_split(fold)}
+        keep["data"].pop("cache_dir", None)  # where the phantom is cached does not change what is trained
         if stage == "cnn":
             keep["mining"] = OmegaConf.to_container(self.cfg.mining, resolve=True)
         if stage == "unet" and not refine_steps(self.cfg.model):  # runs from before the option stay valid
@@ -444,7 +445,7 @@ class Experiment:
         with the current ones: derived files are recomputed, never reported on stale settings."""
         self.prepare()
         out = self.fold_dir(fold) / folder
-        settings = candidate_settings(self.cfg, folder)
+        settings = folder_settings(self.cfg, self.fold_dir(fold), folder)
         stamp = out / SETTINGS_FILE
         if out.is_dir() and any(out.glob("*.csv")):
             saved = json.loads(stamp.read_text()) if stamp.is_file() else None

@@ -94,3 +94,109 @@ def check_infer(cfg: DictConfig) -> None:
     for key in ("overwrite", "progress"):
         if not isinstance(_get(cfg, key), bool):
             raise ConfigError(f"{key}={_get(cfg, key)!r} is not allowed: true or false")
+
+
+# Hydra flags that take a value (the value is not an override); flags that point Hydra at another config
+_FLAGS_WITH_VALUE = ("-c", "--cfg", "-p", "--package", "--info", "-sc", "--shell-completion", "--experimental-rerun")
+_OTHER_CONFIG = ("-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir")
+
+
+def command_line_overrides(argv: list[str]) -> list[str] | None:
+    """The `key=value` overrides of a Hydra command line; None when it points Hydra at another config."""
+    overrides, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg.split("=", 1)[0] in _OTHER_CONFIG:
+            return None
+        if arg in _FLAGS_WITH_VALUE:
+            skip = arg not in ("--info",)  # --info takes an optional value; a following key=value is an override
+            continue
+        if not arg.startswith("-"):
+            overrides.append(arg)
+    return overrides
+
+
+def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if isinstance(node, DictConfig):
+        for key in node.keys():
+            full = f"{prefix}{key}"
+            keys.append(full)
+            keys += _dotted_keys(node._get_node(key), f"{full}.")
+    return keys
+
+
+def _near(name: str, candidates: list[str]) -> str:
+    """', did you mean a or b?' for the candidates closest to `name` (whole dotted key, then its last part)."""
+    import difflib
+
+    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.75)
+    if not close:
+        parent, _, leaf = name.rpartition(".")
+        siblings = [c for c in candidates if c.rpartition(".")[0] == parent]
+        close = [c for c in siblings if c.rpartition(".")[2] in difflib.get_close_matches(leaf, [s.rpartition(".")[2] for s in siblings],
+                                                                                           n=3, cutoff=0.6)]
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+def check_command_line(config_name: str, argv: list[str], script: str) -> None:
+    """Refuse a command line whose overrides Hydra cannot apply, before Hydra (exit 1, a hint about `+key`)
+    or any loading runs: one line naming the override and the problem (a `ConfigError`), with the
+    nearest existing keys for a mistyped one. Sweeps (`-m fold=0,1`) are checked key by key."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+    from omegaconf import OmegaConf
+
+    from cmb.conf_utils import CONFIG_DIR
+
+    overrides = command_line_overrides(argv)
+    if not overrides:
+        return
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as err:
+        raise ConfigError(f"cannot read the command line {' '.join(overrides)!r}: {str(err).splitlines()[0]}") from None
+    groups = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
+    plain = [o.input_line for o in parsed if not o.is_sweep_override() and not o.key_or_group.startswith("hydra")]
+    sweeps = [o for o in parsed if o.is_sweep_override() and not o.key_or_group.startswith("hydra")]
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    if sweeps and not multirun:
+        raise ConfigError(f"{sweeps[0].input_line}: a comma-separated value needs -m to sweep over it, or [a,b] for a list, "
+                          "or quotes for a string")
+
+    def composed(lines: list[str]) -> DictConfig:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name=script):
+            return compose(config_name=config_name, overrides=lines)
+
+    try:
+        cfg = composed(plain)
+    except MissingConfigException as err:  # a config group option that does not exist
+        text = str(err)
+        first = text.splitlines()[0]
+        options = []
+        if "Available options" in text:
+            for line in text.split("Available options", 1)[1].splitlines()[1:]:
+                if not line.startswith("\t"):
+                    break
+                options.append(line.strip())
+        bad = next((o.input_line for o in parsed if f"'{o.key_or_group}/" in first), " ".join(overrides))
+        raise ConfigError(f"{bad}: {first.split(': ', 1)[-1]}{'; available: ' + ', '.join(options) if options else ''}") from None
+    except HydraException as err:
+        text = str(err)
+        bad = next((o for o in parsed if f"'{o.key_or_group}'" in text.splitlines()[0]), None)
+        if bad is not None and "Could not override" in text:
+            others = [line for line in plain if line != bad.input_line]
+            keys = _dotted_keys(composed(others)) + groups
+            raise ConfigError(f"{bad.input_line}: {script} has no setting '{bad.key_or_group}'{_near(bad.key_or_group, keys)} "
+                              f"(every setting: python {script} --cfg job)") from None
+        raise ConfigError(f"{' '.join(overrides)}: {text.splitlines()[0]}") from None
+    if not multirun:
+        return
+    keys = _dotted_keys(cfg) + groups
+    for sweep in sweeps:
+        if sweep.key_or_group not in keys and OmegaConf.select(cfg, sweep.key_or_group, default=None) is None:
+            raise ConfigError(f"{sweep.input_line}: {script} has no setting '{sweep.key_or_group}'{_near(sweep.key_or_group, keys)} "
+                              f"(every setting: python {script} --cfg job)")

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from cmb.eval.__main__ import main as eval_main
 from cmb.eval.matching import Truth, assign, hit_sets
-from cmb.eval.run_files import ScanRecord, StageDetections, candidate_settings
+from cmb.eval.run_files import ScanRecord, StageDetections, folder_settings
 from cmb.inference.candidates import Candidate, write_candidates
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ def _config(target_fp: float) -> OmegaConf:
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"eval.target_fp_per_scan={target_fp}", "eval.wandb=false",
+        cfg = compose(config_name="train", overrides=[f"eval.target_fp_per_scan={target_fp}", "eval.wandb=false", "eval.review=false",
                                                       "eval.bootstrap.n_resamples=200"])
     return cfg
 
@@ -42,7 +42,7 @@ def make_run(root: Path, scans: dict[str, dict], folds: list[list[str]], target_
         fdir = root / f"fold_{k}"
         for folder in ("stage1", "oof"):
             (fdir / folder).mkdir(parents=True)
-            (fdir / folder / "settings.json").write_text(json.dumps(candidate_settings(cfg, folder)))
+            (fdir / folder / "settings.json").write_text(json.dumps(folder_settings(cfg, fdir, folder)))
         for scan_id in test:
             s = scans[scan_id]
             cents = np.array(s["centroids"], dtype=float).reshape(-1, 3)
@@ -178,13 +178,17 @@ def _corrupt(run: Path, case: str) -> Path:
         settings = json.loads((run / "fold_0" / "oof" / "settings.json").read_text())
         (run / "fold_0" / "oof" / "settings.json").write_text(json.dumps({**settings, "stage1_threshold": 0.15}))
         return run / "fold_0" / "oof"
+    elif case == "a member retrained since":  # deleted and trained again: its model file is not the one the files came from
+        (run / "fold_0" / "cnn_bs20").mkdir()
+        (run / "fold_0" / "cnn_bs20" / "model.pt").write_bytes(b"other weights")
+        return run / "fold_0" / "oof"
     oof.write_text("\n".join([lines[0], ",".join(row), *lines[2:]]) + "\n")
     return oof
 
 
 BAD_CASES = ["missing oof", "empty oof", "truncated oof", "garbage stage1", "garbage truth", "missing truth", "non-numeric score",
              "NaN score", "score above 1", "hits a CMB that does not exist", "oof misses a candidate",
-             "written before settings were recorded", "other stage-1 threshold"]
+             "written before settings were recorded", "other stage-1 threshold", "a member retrained since"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)

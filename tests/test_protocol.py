@@ -76,6 +76,8 @@ def test_protocol_writes_a_self_describing_run(finished_run: Path) -> None:
     assert sorted(p["scan_id"] for p in results["per_scan"]) == sorted(splits["scan_ids"])
     assert results["timing_s"]["train"] > 0
     assert "Rau et al." in (run / "report.md").read_text()
+    review = sorted(p.name for p in (run / "review").iterdir())  # a picture per held-out scan, and their index
+    assert review == sorted([f"{s}.png" for s in splits["scan_ids"]] + ["index.html"])
 
 
 @pytest.mark.slow
@@ -134,7 +136,7 @@ def test_train_rejects_bad_fold_and_unknown_dataset(tmp_path: Path, tiny_synthet
     assert out.returncode == 2 and "fold=7 is out of range: this dataset has 2 folds (0..1)" in out.stderr
     assert "Traceback" not in out.stderr
     out = run_cli(["data=nosuchlayout", f"paths.runs_dir={tmp_path}"], tiny_synthetic)
-    assert out.returncode != 0 and "nosuchlayout" in out.stderr and "Available options" in out.stderr
+    assert out.returncode == 2 and "data=nosuchlayout: Could not find 'data/nosuchlayout'; available: dou, nifti" in out.stderr
     out = run_cli(["data=nifti", f"data.root={tmp_path}/missing", f"paths.runs_dir={tmp_path}"], tiny_synthetic)
     assert out.returncode == 2 and "missing: data root does not exist" in out.stderr
 
@@ -146,6 +148,11 @@ def test_train_rejects_bad_fold_and_unknown_dataset(tmp_path: Path, tiny_synthet
     ("inference.stage1_threshold=2", "inference.stage1_threshold=2 is not allowed: a number in (0, 1]"),
     ("inference.stage1.mode=bogus", "inference.stage1.mode='bogus' is not allowed: one of fast, faithful"),
     ("fold=9", "fold=9 is out of range"),
+    ("batch_sze=30", "batch_sze=30: train.py has no setting 'batch_sze'; did you mean batch_size"),
+    ("model.max_step=3", "model.max_step=3: train.py has no setting 'model.max_step'; did you mean model.max_steps"),
+    ("experiment=lotvc", "experiment=lotvc: Could not find 'experiment/lotvc'; available: lotcv, paper"),
+    ("fold=0,1", "fold=0,1: a comma-separated value needs -m"),
+    ("fold=[0", "cannot read the command line"),
 ])
 def test_bad_values_are_refused_at_the_door_before_any_folder_exists(tmp_path: Path, tiny_synthetic: Path, override: str,
                                                                       message: str) -> None:
@@ -160,6 +167,7 @@ def test_bad_values_are_refused_at_the_door_before_any_folder_exists(tmp_path: P
     ("threshold=nan", "threshold=nan is not allowed"),
     ("threshold=abc", "threshold='abc' is not allowed"),
     ("stage1_mode=bogus", "stage1_mode='bogus' is not allowed: one of fast, faithful or null"),
+    ("treshold=0.5", "treshold=0.5: infer.py has no setting 'treshold'; did you mean threshold?"),
 ])
 def test_bad_infer_values_are_refused_before_any_work(tmp_path: Path, tiny_synthetic: Path, override: str, message: str) -> None:
     out = run_cli([f"model_dir={tmp_path}", f"input={tmp_path}", f"output={tmp_path / 'out'}", override], tiny_synthetic, script="infer.py")
@@ -213,7 +221,8 @@ def test_infer_outputs_map_back_to_the_planted_cmb(finished_run: Path, tmp_path:
     predictor = pred.Predictor(finished_run, threshold=0.0, cache_dir=tmp_path / "cache", progress=False)
     det = predictor.predict_scan(tmp_path / "new.nii.gz")
     written = pred.write_outputs(det, tmp_path / "out")
-    assert [p.name for p in written] == ["new_detections.csv", "new_stage1_prob.nii.gz", "new_detections.mrk.json"]
+    assert [p.name for p in written] == ["new_detections.csv", "new_stage1_prob.nii.gz", "new_detections.mrk.json",
+                                         "new_detections.png"]
     rows = np.genfromtxt(written[0], delimiter=",", names=True, dtype=None, encoding=None)
     rows = np.atleast_1d(rows)
     vox = np.stack([rows["i"], rows["j"], rows["k"]], axis=1)
@@ -247,7 +256,9 @@ def test_infer_cli_skips_a_bad_file_and_keeps_the_others(finished_run: Path, tmp
     errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 3 and any("constant.nii.gz" in line for line in errors) and "Traceback" not in out.stderr
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == ["good_detections.csv", "good_detections.mrk.json", "good_stage1_prob.nii.gz"]
+    assert names == ["good_detections.csv", "good_detections.mrk.json", "good_detections.png", "good_stage1_prob.nii.gz", "index.html"]
+    index = (tmp_path / "out" / "index.html").read_text()
+    assert "good_detections.png" in index and "constant" not in index
     again = run_cli([f"model_dir={finished_run}", f"input={inputs / 'good.nii.gz'}", f"output={tmp_path / 'out'}"],
                     tiny_synthetic_module, script="infer.py")
     assert again.returncode == 2 and "output exists already" in again.stderr
@@ -474,3 +485,64 @@ def test_the_round_starts_from_the_member_a_run_without_it_trains(tmp_path: Path
     for key, value in without.state_dict().items():
         torch.testing.assert_close(before.state_dict()[key], value, rtol=0, atol=0)
     assert any(not torch.equal(after.state_dict()[k], v) for k, v in without.state_dict().items() if v.is_floating_point())
+
+
+def test_command_line_check_passes_what_hydra_accepts_and_names_mistyped_sweep_keys() -> None:
+    from cmb.errors import ConfigError
+    from cmb.validate import check_command_line, command_line_overrides
+
+    accepted = [["-m", "fold=0,1", "batch_size=20,30"], ["--cfg", "job", "fold=3"], ["+extra=1", "hydra.run.dir=x"],
+                ["-m", "experiment=lotcv", "stage=fold", "fold=range(0,8)", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4"],
+                ["experiment=lotcv", "data=nifti", "data.root=/data/my_swi", "name=my_swi"]]
+    for argv in accepted:
+        check_command_line("train", argv, "train.py")
+    with pytest.raises(ConfigError, match="batch_sise=20,30: train.py has no setting 'batch_sise'; did you mean batch_size"):
+        check_command_line("train", ["-m", "fold=0,1", "batch_sise=20,30"], "train.py")
+    assert command_line_overrides(["-c", "job", "fold=3", "-m"]) == ["fold=3"]
+    assert command_line_overrides(["--config-name", "other", "fold=3"]) is None  # another config: Hydra's own checks
+
+
+def test_help_shows_usage_first_and_infer_lists_only_what_it_uses(tmp_path: Path) -> None:
+    train = run_cli(["--help"], tmp_path)
+    assert train.returncode == 0 and train.stdout.startswith("train.py: train and evaluate")
+    assert "python train.py experiment=lotcv" in train.stdout and "experiment: lotcv, paper" in train.stdout
+    infer = run_cli(["--help"], tmp_path, script="infer.py")
+    assert infer.returncode == 0 and infer.stdout.startswith("infer.py: detect CMBs")
+    assert "Config groups" not in infer.stdout and "model_dir: null" in infer.stdout
+
+
+def test_out_of_fold_files_of_a_retrained_member_are_recomputed(tmp_path: Path, tiny_synthetic: Path) -> None:
+    from cmb.pipeline import Experiment
+
+    exp = Experiment(_compose([*SMOKE, f"paths.cache_dir={tiny_synthetic}", f"paths.runs_dir={tmp_path}", "name=retrained"]))
+    cnn = exp.member_dir("cnn", 0, 20)
+    cnn.mkdir(parents=True)
+    (cnn / "model.pt").write_bytes(b"first weights")
+    oof = exp._fresh_output_folder(0, "oof")
+    (oof / "scan.csv").write_text("scan_id,i,j,k\n")
+    assert (exp._fresh_output_folder(0, "oof") / "scan.csv").is_file()  # same members: kept
+    (cnn / "model.pt").write_bytes(b"retrained weights")  # the member deleted and trained again
+    assert not (exp._fresh_output_folder(0, "oof") / "scan.csv").exists()
+    assert json.loads((oof / "settings.json").read_text())["members"]["cnn_bs20"] != ""
+
+
+def test_the_cache_is_per_user_wherever_cmb_runs_and_does_not_enter_the_settings_hash(tmp_path: Path, tiny_synthetic: Path,
+                                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from cmb import user_cache_dir
+    from cmb.pipeline import Experiment
+
+    monkeypatch.delenv("CMB_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.chdir(tmp_path)
+    assert _compose([]).paths.cache_dir == str(tmp_path / "xdg" / "cmb") == user_cache_dir()
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert user_cache_dir() == str(Path.home() / ".cache" / "cmb")
+    monkeypatch.setenv("CMB_CACHE", str(tiny_synthetic))
+    assert _compose([]).data.cache_dir == str(tiny_synthetic)
+    moved = tmp_path / "moved"
+    import shutil
+
+    shutil.copytree(tiny_synthetic, moved)
+    hashes = [Experiment(_compose([*SMOKE, f"paths.cache_dir={cache}", f"paths.runs_dir={tmp_path}", "name=cache"]))
+              .member_settings_hash("unet", 0, 20) for cache in (tiny_synthetic, moved)]
+    assert hashes[0] == hashes[1]

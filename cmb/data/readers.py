@@ -299,10 +299,11 @@ class SyntheticDataset(ScanDataset):
 
     name = "synthetic"
 
-    def __init__(self, preset: str = "demo", seed: int = 0, cache_dir: str | Path = ".cache", n_scans: int | None = None) -> None:
+    def __init__(self, preset: str = "demo", seed: int = 0, cache_dir: str | Path | None = None, n_scans: int | None = None) -> None:
+        from cmb import user_cache_dir
         from cmb.data.synthetic import ensure_synthetic_dataset
 
-        self.root = ensure_synthetic_dataset(preset, seed, Path(cache_dir), n_scans=n_scans)
+        self.root = ensure_synthetic_dataset(preset, seed, Path(cache_dir or user_cache_dir()), n_scans=n_scans)
         self._nifti = NiftiDataset(self.root)
 
     def scan_ids(self) -> list[str]:

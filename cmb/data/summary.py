@@ -9,7 +9,8 @@ from omegaconf import DictConfig
 
 from cmb.conf_utils import CONFIG_DIR, hydra_entry, instantiate_checked
 from cmb.data.readers import ScanDataset
-from cmb.errors import describe_scan_failure
+from cmb.errors import describe_scan_failure, exit_on_user_error
+from cmb.validate import check_command_line
 
 
 def summarize(dataset: ScanDataset) -> tuple[list[str], list[str]]:
@@ -43,4 +44,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_user_error(check_command_line)("summary", sys.argv[1:], "python -m cmb.data.summary")  # a mistyped key: one line, exit 2
     main()

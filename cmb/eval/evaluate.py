@@ -32,7 +32,7 @@ from cmb.errors import DataError
 from cmb.eval.bootstrap import bootstrap
 from cmb.eval.froc import FROCCurve, best_curve_point, choose_operating_point, cpm, froc_curve, sweep
 from cmb.eval.report import plot_froc, report_markdown
-from cmb.eval.run_files import CANDIDATE_DEFINITION, ScanRecord, candidate_settings, read_run
+from cmb.eval.run_files import CANDIDATE_DEFINITION, ScanRecord, read_run
 from cmb.eval.scan_metrics import found_cmbs, scan_counts, sensitivity_by_size, valdo_summary
 
 log = logging.getLogger(__name__)
@@ -127,8 +127,7 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig | None = None) -> dict[str
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir) if cfg is None else cfg
     splits = load_splits(run_dir)
-    expected = {folder: candidate_settings(cfg, folder) for folder in ("stage1", "oof")}
-    records = read_run(run_dir, splits, expected)
+    records = read_run(run_dir, splits, cfg)
     n_scans, n_cmbs = len(records), sum(r.n_cmbs for r in records)
     s1_thr = float(cfg.inference.stage1_threshold)
     target_fp = float(cfg.eval.target_fp_per_scan)
@@ -199,6 +198,10 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig | None = None) -> dict[str
     _write_points_csv(run_dir / "operating_points.csv", points, s1_points)
     plot_froc(s1_curve, s2_curve, run_dir / "froc.png", results, boot)
     atomic_write_text(report_markdown(results), run_dir / "report.md")
+    if bool(cfg.eval.get("review", False)):
+        from cmb.eval.review import write_review
+
+        write_review(run_dir, cfg, records, float(results["chosen_operating_point"]["threshold"]))
     if bool(cfg.eval.get("wandb", True)):
         _log_wandb(run_dir, results, points)
     return results

@@ -27,7 +27,8 @@ CANDIDATE_DEFINITION = "26-connected components of the combined stage-1 map >= s
 
 
 def candidate_settings(cfg: Any, folder: str) -> dict[str, Any]:
-    """Settings that a run's out-of-fold files in `folder` (stage1, oof, paper_mining) depend on, besides its members."""
+    """Settings that a run's out-of-fold files in `folder` (stage1, oof, paper_mining) depend on, besides its members
+    (`folder_settings` adds those)."""
     inf = cfg.inference
     settings: dict[str, Any] = {"stage1_threshold": float(inf.stage1_threshold), "ensemble_normalize": str(inf.ensemble_normalize),
                                 "stage1_mode": str(inf.stage1.mode), "match_radius_mm": float(cfg.eval.match_radius_mm),
@@ -37,6 +38,26 @@ def candidate_settings(cfg: Any, folder: str) -> dict[str, Any]:
     if folder == "paper_mining":
         settings["mining_threshold"] = float(cfg.mining.threshold)
     return settings
+
+
+MEMBER_STAGES = {"stage1": ("unet",), "paper_mining": ("unet",), "oof": ("unet", "cnn")}  # the members each folder's files come from
+
+
+def member_digests(fold_dir: Path, folder: str) -> dict[str, str]:
+    """{member folder: SHA-256 (16 hex digits) of its model.pt} for the members `folder`'s files come from,
+    so files made by members that were since retrained (deleted and trained again) are recognized as stale."""
+    import hashlib
+
+    digests = {}
+    for stage in MEMBER_STAGES[folder]:
+        for model in sorted(Path(fold_dir).glob(f"{stage}_bs*/model.pt")):
+            digests[model.parent.name] = hashlib.sha256(model.read_bytes()).hexdigest()[:16]
+    return digests
+
+
+def folder_settings(cfg: Any, fold_dir: Path, folder: str) -> dict[str, Any]:
+    """Everything a fold's out-of-fold files in `folder` depend on: the candidate settings and the members' files."""
+    return {**candidate_settings(cfg, folder), "members": member_digests(fold_dir, folder)}
 
 
 @dataclass
@@ -150,8 +171,14 @@ def check_settings(folder: Path, expected: dict[str, Any] | None) -> None:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise DataError(stamp, "not valid JSON") from None
     if saved != expected:
-        diff = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
-        raise DataError(folder, f"out-of-fold files were written with other settings ({', '.join(f'{k}: {a!r} here, {b!r} in config' for k, (a, b) in diff.items())}); "
+        diff = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v and k != "members"}
+        what = [f"{k}: {a!r} here, {b!r} in config" for k, (a, b) in diff.items()]
+        saved_members = saved.get("members") or {}
+        changed = sorted(m for m in set(saved_members) | set(expected.get("members", {}))
+                         if saved_members.get(m) != expected.get("members", {}).get(m))
+        if changed:
+            what.append(f"made by other model files than the run's {', '.join(changed)} (retrained since)")
+        raise DataError(folder, f"out-of-fold files were written with other settings ({'; '.join(what)}); "
                                 "re-run `python train.py` with the run's settings to recompute them")
 
 
@@ -160,13 +187,14 @@ def _stage(path: Path, score_column: str, n_cmbs: int) -> StageDetections:
     return StageDetections(scores, points, assign(scores, hits, points))
 
 
-def read_run(run_dir: Path, splits: dict, expected_settings: dict[str, dict[str, Any]] | None = None) -> list[ScanRecord]:
-    """One record per held-out scan of every fold (fold order, then the fold's test order)."""
+def read_run(run_dir: Path, splits: dict, cfg: Any | None = None) -> list[ScanRecord]:
+    """One record per held-out scan of every fold (fold order, then the fold's test order); with the run's
+    `cfg`, files written under other settings or by other model files are refused (`folder_settings`)."""
     records = []
     for fold in splits["folds"]:
         fdir = run_dir / f"fold_{fold['fold']}"
         for folder in ("stage1", "oof"):
-            check_settings(fdir / folder, None if expected_settings is None else expected_settings[folder])
+            check_settings(fdir / folder, None if cfg is None else folder_settings(cfg, fdir, folder))
         for scan_id in fold["test"]:
             n_cmbs, diameters = read_truth(fdir / "truth" / f"{scan_id}.json")
             stage1 = _stage(fdir / "stage1" / f"{scan_id}.csv", "peak", n_cmbs)

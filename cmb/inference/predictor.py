@@ -2,7 +2,8 @@
 
 Every front door (file, folder) funnels into `Predictor.predict_scan`.
 Outputs per scan (docs/design.md): `<id>_detections.csv`, `<id>_stage1_prob.nii.gz` (input's
-own grid and affine) and `<id>_detections.mrk.json` (3D Slicer markups).
+own grid and affine), `<id>_detections.mrk.json` (3D Slicer markups) and `<id>_detections.png`
+(a tile per detection, cmb.pictures); per output folder `index.html`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from cmb.inference.stage2 import score_candidates
 from cmb.models.checkpoint import load_model
 
 log = logging.getLogger(__name__)
-OUTPUT_SUFFIXES = ("_detections.csv", "_stage1_prob.nii.gz", "_detections.mrk.json")
+OUTPUT_SUFFIXES = ("_detections.csv", "_stage1_prob.nii.gz", "_detections.mrk.json", "_detections.png")
 
 
 @dataclass
@@ -46,6 +47,9 @@ class ScanDetections:
     prob_map: np.ndarray  # float32, input grid
     affine: np.ndarray  # input affine
     seconds: dict
+    canonical_voxels: np.ndarray | None = None  # (N, 3) the same detections on the RAS grid of `image`
+    image: np.ndarray | None = None  # the scan's own intensities, RAS grid (for the pictures)
+    spacing_mm: tuple[float, float, float] | None = None  # voxel size of `image`
 
 
 def resolve_members(model_dir: Path, fold: str | int | None) -> tuple[Path, str]:
@@ -125,7 +129,8 @@ class Predictor:
         src_vox = mm_to_vox(mm, scan.source_affine)
         return ScanDetections(scan.scan_id, src_vox, mm, np.array([c.score for c in kept]), np.array([c.peak for c in kept]),
                               from_canonical(prob, scan.to_canonical), scan.source_affine,
-                              {"preprocess": t1 - t0, "stage1": t2 - t1, "stage2": t3 - t2})
+                              {"preprocess": t1 - t0, "stage1": t2 - t1, "stage2": t3 - t2},
+                              np.array([c.voxel for c in kept], dtype=float).reshape(-1, 3), np.asarray(scan.image), scan.spacing_mm)
 
 
 def output_paths(out_dir: Path, scan_id: str) -> list[Path]:
@@ -133,7 +138,7 @@ def output_paths(out_dir: Path, scan_id: str) -> list[Path]:
 
 
 def write_outputs(det: ScanDetections, out_dir: Path, overwrite: bool = False) -> list[Path]:
-    """Write the three outputs; all appear together (temporary names, then renamed)."""
+    """Write the outputs (table, stage-1 map, Slicer markups, picture); all appear together (temporary names, then renamed)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     targets = output_paths(out_dir, det.scan_id)
     existing = [p for p in targets if p.exists()]
@@ -148,6 +153,7 @@ def write_outputs(det: ScanDetections, out_dir: Path, overwrite: bool = False) -
         (tmp_dir / targets[0].name).write_text("\n".join(rows) + "\n")
         nib.save(nib.Nifti1Image(det.prob_map.astype(np.float32), det.affine), tmp_dir / targets[1].name)
         (tmp_dir / targets[2].name).write_text(json.dumps(slicer_markups(det), indent=1))
+        write_detection_picture(det, tmp_dir / targets[3].name)
         for t in targets:
             os.replace(tmp_dir / t.name, t)
     finally:
@@ -155,6 +161,30 @@ def write_outputs(det: ScanDetections, out_dir: Path, overwrite: bool = False) -
             leftover.unlink()
         tmp_dir.rmdir()
     return targets
+
+
+def write_detection_picture(det: ScanDetections, path: Path) -> None:
+    """`<id>_detections.png`: one tile per detection, highest score first (cmb.pictures)."""
+    from cmb.pictures import Tile, write_tiles
+
+    if det.image is None or det.canonical_voxels is None or det.spacing_mm is None:
+        raise ValueError("detections without the scan's image cannot be pictured")
+    tiles = [Tile(c, f"#{n + 1} score {float(s):.3f}\nvoxel {v[0]:.0f},{v[1]:.0f},{v[2]:.0f}")
+             for n, (c, v, s) in enumerate(zip(det.canonical_voxels, det.voxels, det.scores))]
+    write_tiles(det.image, det.spacing_mm, tiles, path, f"{det.scan_id}: {len(tiles)} detections")
+
+
+def write_output_index(out_dir: Path) -> Path:
+    """`out_dir`/index.html listing every scan with outputs in the folder (count, table, picture), rebuilt each run."""
+    from cmb.pictures import write_index
+
+    rows = []
+    for table in sorted(out_dir.glob("*_detections.csv")):
+        scan_id = table.name[: -len("_detections.csv")]
+        count = max(0, len(table.read_text().splitlines()) - 1)
+        picture = out_dir / f"{scan_id}_detections.png"
+        rows.append((scan_id, count, table.name, picture.name if picture.is_file() else None))
+    return write_index(out_dir, rows, f"cmb detections in {out_dir}")
 
 
 def slicer_markups(det: ScanDetections) -> dict:
