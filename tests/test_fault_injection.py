@@ -146,3 +146,45 @@ def test_metrics_of_a_resumed_member_keep_the_steps_before_the_resume(tmp_path: 
     merge_metrics(logs, tmp_path / "metrics.csv")
     assert (tmp_path / "metrics.csv").read_text() == ("epoch,step,train/loss,train/acc\n0,0,0.9,\n0,1,0.8,\n0,2,0.7,0.5\n"
                                                        "1,3,0.6,0.6\n1,4,0.5,0.7\n")
+
+
+def test_compare_runs_finds_a_changed_weight(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    run = tmp_path / "a" / "fold_0" / "cnn_bs20"
+    run.mkdir(parents=True)
+    (tmp_path / "a" / "results.json").write_text(json.dumps({"froc": {"cpm": 0.9}, "timing_s": {"train": 1}}))
+    torch.save({"state_dict": {"w": torch.ones(3)}}, run / "model.pt")
+    (run / "done.json").write_text(json.dumps({"steps": 4, "train_seconds": 1.0}))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    (tmp_path / "b" / "results.json").write_text(json.dumps({"froc": {"cpm": 0.9}, "timing_s": {"train": 2}}))
+    (tmp_path / "b" / "fold_0" / "cnn_bs20" / "done.json").write_text(json.dumps({"steps": 4, "train_seconds": 2.0}))
+    script = [sys.executable, str(REPO / "benchmarks" / "compare_runs.py"), str(tmp_path / "a"), str(tmp_path / "b")]
+    same = subprocess.run(script, capture_output=True, text=True)
+    assert same.returncode == 0 and "model files (bit for bit): 1/1 equal" in same.stdout  # timing aside
+    torch.save({"state_dict": {"w": torch.tensor([1.0, 1.0, 1.0 + 1e-7])}}, tmp_path / "b" / "fold_0" / "cnn_bs20" / "model.pt")
+    changed = subprocess.run(script, capture_output=True, text=True)
+    assert changed.returncode == 1 and "DIFFERS fold_0/cnn_bs20/model.pt" in changed.stdout
+
+
+def test_unwritable_output_and_run_folders_are_refused_before_any_work(tmp_path: Path, tiny_synthetic: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from cmb.data.io import require_writable
+    from cmb.errors import DataError
+    from cmb.pipeline import Experiment
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == locked and mode == os.W_OK else real_access(path, mode))
+    with pytest.raises(DataError, match="locked: output folder is not writable"):
+        require_writable(locked / "detections" / "new", "output folder")  # the nearest existing part decides
+    require_writable(tmp_path / "free", "output folder")
+    exp = Experiment(_compose([*SMOKE, f"paths.cache_dir={tiny_synthetic}", f"paths.runs_dir={locked}", "name=run"]))
+    with pytest.raises(DataError, match="not writable"):
+        exp.prepare()
+    assert list(locked.iterdir()) == []
