@@ -70,7 +70,7 @@ def write_tiles(image: np.ndarray, spacing_mm: tuple[float, float, float], tiles
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Circle
+    from matplotlib.patches import Ellipse
 
     shown = tiles[:max_tiles]
     vmin, vmax = robust_window(image)
@@ -88,8 +88,9 @@ def write_tiles(image: np.ndarray, spacing_mm: tuple[float, float, float], tiles
             first, second = [a for a in range(3) if a != axis]
             ax.imshow(crop, cmap="gray", vmin=vmin, vmax=vmax, origin="lower", interpolation="nearest",
                       aspect=float(spacing_mm[second]) / float(spacing_mm[first]))
-            radius = 3.0 / float(spacing_mm[first])  # a 3 mm circle
-            ax.add_patch(Circle((c, r), radius, fill=False, edgecolor=tile.colour, linewidth=1.2))
+            # a circle of 3 mm radius on screen: its extent in voxels differs along the two in-plane axes
+            ax.add_patch(Ellipse((c, r), 6.0 / float(spacing_mm[first]), 6.0 / float(spacing_mm[second]), fill=False,
+                                 edgecolor=tile.colour, linewidth=1.2))
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(name, fontsize=8)

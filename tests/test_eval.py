@@ -239,3 +239,16 @@ def test_sensitivity_by_size_bins() -> None:
     assert out["3-5 mm"] == {"n_cmbs": 2, "found": 1, "sensitivity": 0.5}
     assert out["> 5 mm"] == {"n_cmbs": 1, "found": 1, "sensitivity": 1.0}
     assert out[UNKNOWN_SIZE] == {"n_cmbs": 1, "found": 0, "sensitivity": 0.0}
+
+
+def test_froc_plot_zooms_the_sensitivity_axis_to_what_it_shows() -> None:
+    from cmb.eval.report import _short_name, _visible_low, sensitivity_floor
+
+    class Curve:
+        fp_per_scan = np.array([0.0, 0.005, 0.5, 3.0])
+        sensitivity = np.array([0.0, 0.84, 0.9, 0.96])
+
+    assert _visible_low(Curve()) == 0.84  # the step drawn at the left edge (1e-2 FP/scan), not the 0 at no detections
+    assert sensitivity_floor([0.84, 0.95]) == pytest.approx(0.75)
+    assert sensitivity_floor([0.02]) == 0.0
+    assert _short_name("Rau et al. 2026 (Brain Sciences, doi 10.3390/x), final, lower threshold") == "Rau et al. 2026, final, low…"

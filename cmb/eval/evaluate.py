@@ -198,7 +198,7 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig | None = None) -> dict[str
     _write_points_csv(run_dir / "operating_points.csv", points, s1_points)
     plot_froc(s1_curve, s2_curve, run_dir / "froc.png", results, boot)
     atomic_write_text(report_markdown(results), run_dir / "report.md")
-    if bool(cfg.eval.get("review", False)):
+    if bool(cfg.eval.get("review", True)):
         from cmb.eval.review import write_review
 
         write_review(run_dir, cfg, records, float(results["chosen_operating_point"]["threshold"]))

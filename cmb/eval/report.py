@@ -33,6 +33,29 @@ def _ci(interval: list[float] | None, fmt) -> str:  # noqa: ANN001 (one of _pct,
     return "" if not interval else f" [{fmt(interval[0])}, {fmt(interval[1])}]"
 
 
+def _visible_low(curve: FROCCurve, x_min: float = 1e-2) -> float:
+    """Lowest sensitivity the step curve shows from `x_min` FP/scan on (curves rise with FP/scan)."""
+    fp, sens = np.asarray(curve.fp_per_scan), np.asarray(curve.sensitivity)
+    if len(sens) == 0:
+        return 0.0
+    before = np.flatnonzero(fp <= x_min)
+    return float(sens[before[-1]] if len(before) else sens[0])
+
+
+def sensitivity_floor(lows: list[float], margin: float = 0.05) -> float:
+    """Lower end of the sensitivity axis: `margin` below the lowest value shown, down to a multiple of 0.05, >= 0."""
+    low = min(lows) if lows else 0.0
+    return max(0.0, float(np.floor((low - margin) / 0.05) * 0.05))
+
+
+def _short_name(method: str) -> str:
+    """'Rau et al. 2026 (Brain ...), final' -> 'Rau et al. 2026, final': the label beside a baseline's marker."""
+    head, _, rest = method.partition(" (")
+    tail = rest.split("), ", 1)[1] if "), " in rest else ""
+    name = f"{head}, {tail}" if tail else head
+    return name if len(name) <= 28 else name[:27] + "…"
+
+
 def plot_froc(stage1: FROCCurve, two_stage: FROCCurve, path: Path, results: dict, boot: BootstrapResult | None = None) -> Path:
     import matplotlib
 
@@ -50,10 +73,13 @@ def plot_froc(stage1: FROCCurve, two_stage: FROCCurve, path: Path, results: dict
             reach = boot.band_rates <= max(curve.max_fp_per_scan, 1e-2)
             ax.fill_between(boot.band_rates[reach], lo[reach], hi[reach], color=colour, alpha=0.18, linewidth=0,
                             label=f"{label.split(' (')[0]}: {100 * level:.0f}% bootstrap band")
-    for b in load_baselines():
-        if b.get("metric", "froc") == "froc" and b.get("sensitivity") is not None and b.get("fp_per_scan") is not None:
-            ax.scatter([b["fp_per_scan"]], [b["sensitivity"]], marker="s" if b.get("stage") == "stage1" else "*", s=60, color="grey",
-                       edgecolor="k", zorder=5, alpha=0.8)
+    shown = [b for b in load_baselines()
+             if b.get("metric", "froc") == "froc" and b.get("sensitivity") is not None and b.get("fp_per_scan") is not None]
+    for b in shown:
+        ax.scatter([b["fp_per_scan"]], [b["sensitivity"]], marker="s" if b.get("stage") == "stage1" else "*", s=60, color="grey",
+                   edgecolor="k", zorder=5, alpha=0.8)
+        ax.annotate(_short_name(b["method"]), (b["fp_per_scan"], b["sensitivity"]), textcoords="offset points", xytext=(4, -9),
+                    fontsize=6, color="dimgrey")
     ax.scatter([], [], marker="*", color="grey", edgecolor="k", label="published operating points (other data)")
     chosen, nested = results["chosen_operating_point"], results.get("nested_operating_point")
     ax.scatter([max(chosen["fp_per_scan"], 1e-2)], [chosen["sensitivity"]], marker="o", facecolor="none", edgecolor="red", s=120,
@@ -63,12 +89,17 @@ def plot_froc(stage1: FROCCurve, two_stage: FROCCurve, path: Path, results: dict
                    s=80, zorder=6, label="ours, nested thresholds")
     ax.set_xscale("log")
     ax.set_xlim(1e-2, max(100.0, float(stage1.fp_per_scan.max()) * 1.2))
-    ax.set_ylim(0, 1.02)
+    lows = [_visible_low(stage1), _visible_low(two_stage)] + [float(b["sensitivity"]) for b in shown]
+    lows += [p["sensitivity"] for p in (chosen, nested) if p]
+    if boot is not None:
+        lows += [float(np.min(boot.bands[stage][0])) for stage in ("stage1", "two_stage")]
+    ax.set_ylim(sensitivity_floor(lows), 1.02)  # zoomed to the range the curves, bands and points use
     ax.set_xlabel("false positives per scan (log)")
     ax.set_ylabel("sensitivity")
     d = results["dataset"]
     ax.set_title(f"FROC, out-of-fold: {d['name']} ({d['n_scans']} scans, {d['n_cmbs']} CMBs)\n"
-                 f"two-stage CPM {results['froc']['cpm']:.3f}, stage-1 CPM {results['stage1']['cpm']:.3f}", fontsize=10)
+                 f"CPM (mean sensitivity at 1/8, 1/4, ..., 8 FP/scan, in-sample curve): two-stage {results['froc']['cpm']:.3f}, "
+                 f"stage 1 {results['stage1']['cpm']:.3f}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()

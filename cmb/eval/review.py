@@ -74,7 +74,7 @@ def write_review(run_dir: Path, cfg: Any, records: list[ScanRecord], threshold: 
         n_missed = sum(t.colour == "red" for t in tiles)
         write_tiles(np.asarray(scan.image), scan.spacing_mm, tiles, out / f"{record.scan_id}.png",
                     f"{record.scan_id} (fold {record.fold}) at threshold {threshold:g}: {n_missed} of {record.n_cmbs} CMBs missed, "
-                    f"top {len(tiles) - n_missed} false positives")
+                    f"{len(tiles) - n_missed} highest-scoring false positives")
         rows.append((record.scan_id, len(tiles), None, f"{record.scan_id}.png"))
     write_index(out, rows, f"missed CMBs and top false positives at threshold {threshold:g}: {Path(run_dir).name}",
                 count_name="pictured (missed + false positives)")

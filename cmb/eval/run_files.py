@@ -171,7 +171,8 @@ def check_settings(folder: Path, expected: dict[str, Any] | None) -> None:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise DataError(stamp, "not valid JSON") from None
     if saved != expected:
-        diff = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v and k != "members"}
+        diff = {k: (saved.get(k), expected.get(k)) for k in sorted(set(saved) | set(expected))
+                 if saved.get(k) != expected.get(k) and k != "members"}
         what = [f"{k}: {a!r} here, {b!r} in config" for k, (a, b) in diff.items()]
         saved_members = saved.get("members") or {}
         changed = sorted(m for m in set(saved_members) | set(expected.get("members", {}))
