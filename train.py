@@ -26,8 +26,10 @@ log = logging.getLogger("cmb")
 @hydra_entry
 def main(cfg: DictConfig) -> float | None:
     from cmb.pipeline import FINAL, Experiment
+    from cmb.progress import quiet_console
     from cmb.validate import check_train
 
+    quiet_console(bool(cfg.get("verbose", False)))
     check_train(cfg)  # values first: a refused command reads and writes nothing
     exp = Experiment(cfg)
     stage = str(cfg.stage)

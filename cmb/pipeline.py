@@ -55,6 +55,7 @@ from cmb.inference.stage2 import score_candidates
 from cmb.models.checkpoint import load_model, save_model
 from cmb.models.health import ReplaySchedule, is_capped, training_cmb_peaks
 from cmb.models.lightning import PatchDataModule, Stage1Module, Stage2Module, StepSeed
+from cmb.progress import StepProgress, TrainingClock
 
 log = logging.getLogger(__name__)
 STAGES = ("unet", "cnn")
@@ -91,6 +92,9 @@ class Experiment:
         self.device = "cuda" if cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu"
         self._timing_path = self.run_dir / "timing.json"
         self._volumes: dict[str, TrainingVolume] = {}
+        self.verbose = bool(cfg.get("verbose", False))
+        self.clock = TrainingClock()  # training steps planned and done in this command: the ETA of the progress lines
+        self._planned: set[tuple[str, str, int]] = set()
 
     def prepare(self) -> None:
         """Create the run folder (splits.json, config.yaml, a log file) on the first step that writes; everything
@@ -222,6 +226,7 @@ class Experiment:
         if self.is_done(stage, fold, batch_size):
             log.info("%s: already trained, skipping", out)
             return out
+        self.plan_member(stage, fold, batch_size)
         split = self.fold_split(fold)
         started = out / "started.json"  # an unfinished member resumes only under the settings it started with
         if started.is_file() and not self._stamp_matches(started, stage, fold, batch_size):
@@ -258,6 +263,7 @@ class Experiment:
                 done["capped"] = True
                 break
             rejected.append(self._reject_attempt(out, len(rejected)))
+            self.clock.plan(int(scfg.max_steps))  # the retry's first round
             log.warning("%s: capped member (median peak %.3f on its own training CMBs, below %.2f); kept in %s, "
                         "training again with seed + %d", out, median, float(health.min_median_peak),
                         rejected[-1].name, RETRY_SEED_STEP * len(rejected))
@@ -275,6 +281,21 @@ class Experiment:
         done = {"settings_hash": self.member_settings_hash(stage, fold, batch_size), **done, "train_seconds": round(seconds, 2)}
         atomic_write_text(json.dumps(done, indent=1), out / "done.json")
         return out
+
+    def plan_member(self, stage: str, fold: int | str, batch_size: int) -> None:
+        """Count a member's training steps (first round and hard-negative round) into the ETA, once."""
+        key = (stage, str(fold), int(batch_size))
+        if key not in self._planned:
+            self._planned.add(key)
+            scfg = self.stage_cfg(stage)
+            self.clock.plan(int(scfg.max_steps) + (refine_steps(scfg) if stage == "unet" else 0))
+
+    def _progress_label(self, run_name: str) -> str:
+        """'unet_bs20_fold3_refine' -> 'fold 3/8 · unet_bs20 · hard-negative round'."""
+        stage_bs, _, rest = run_name.partition("_fold")
+        fold, _, refine = rest.partition("_")
+        where = "final models" if fold == FINAL else f"fold {fold}/{self.n_folds}"
+        return f"{where} · {stage_bs}" + (" · hard-negative round" if refine == "refine" else "")
 
     def _train_first_round(self, stage: str, scfg: DictConfig, volumes: list[TrainingVolume], fold: int | str, batch_size: int,
                            seed: int, out: Path) -> tuple[torch.nn.Module, pl.Trainer]:
@@ -383,9 +404,13 @@ class Experiment:
             torch.set_num_threads(int(tcfg.threads))
         # PatchDataModule resumes mid-epoch at the right batch (from the global step); Lightning cannot see that
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+        callbacks: list[pl.Callback] = [ckpt, StepSeed(seed)]
+        bar = self.verbose if tcfg.get("enable_progress_bar") is None else bool(tcfg.enable_progress_bar)
+        if not self.verbose:
+            callbacks.append(StepProgress(self._progress_label(run_name), self.clock, int(tcfg.get("progress_every_n_steps", 50))))
         return pl.Trainer(max_steps=max_steps, accelerator=tcfg.accelerator, devices=tcfg.devices, strategy=tcfg.strategy,
-                          precision=tcfg.precision, logger=loggers, callbacks=[ckpt, StepSeed(seed)], log_every_n_steps=int(tcfg.log_every_n_steps),
-                          enable_progress_bar=bool(tcfg.enable_progress_bar), enable_model_summary=False,
+                          precision=tcfg.precision, logger=loggers, callbacks=callbacks, log_every_n_steps=int(tcfg.log_every_n_steps),
+                          enable_progress_bar=bar, enable_model_summary=False,
                           reload_dataloaders_every_n_epochs=1, deterministic=bool(tcfg.deterministic), num_sanity_val_steps=0,
                           limit_val_batches=0)
 
@@ -537,6 +562,11 @@ class Experiment:
         write_config_and_metadata(self.run_dir, self.cfg, n_folds=self.n_folds)
         t0 = time.perf_counter()
         folds = list(range(self.n_folds)) if self.cfg.get("folds") in (None, "all") else [int(f) for f in self.cfg.folds]
+        for fold in folds + ([FINAL] if bool(self.cfg.protocol.train_final) else []):  # the ETA covers every member to train
+            for stage in ("unet", "cnn"):
+                for bs in self.stage_cfg(stage).batch_sizes:
+                    if not self.is_done(stage, fold, int(bs)):
+                        self.plan_member(stage, fold, int(bs))
         for fold in folds:
             log.info("=== fold %d of %d ===", fold, self.n_folds)
             self.run_fold(fold)

@@ -27,9 +27,11 @@ def run_cli(args: list[str], cache: Path, timeout: int = 300, script: str = "tra
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory: pytest.TempPathFactory, tiny_synthetic_module: Path) -> Path:
     runs = tmp_path_factory.mktemp("runs")
-    out = run_cli(["experiment=lotcv", *SMOKE, f"paths.runs_dir={runs}", "name=e2e"], tiny_synthetic_module)
+    out = run_cli(["experiment=lotcv", *SMOKE, f"paths.runs_dir={runs}", "name=e2e", "trainer.progress_every_n_steps=2"],
+                  tiny_synthetic_module)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "report:" in out.stdout and "FROC plot:" in out.stdout
+    (runs / "console.txt").write_text(out.stdout + out.stderr)  # what the user saw
     return runs / "e2e"
 
 
@@ -78,6 +80,16 @@ def test_protocol_writes_a_self_describing_run(finished_run: Path) -> None:
     assert "Rau et al." in (run / "report.md").read_text()
     review = sorted(p.name for p in (run / "review").iterdir())  # a picture per held-out scan, and their index
     assert review == sorted([f"{s}.png" for s in splits["scan_ids"]] + ["index.html"])
+
+
+@pytest.mark.slow
+def test_the_console_shows_progress_lines_and_the_log_file_the_details(finished_run: Path) -> None:
+    console = (finished_run.parent / "console.txt").read_text()
+    assert "fold 0/2 · unet_bs20 · step 2/4 · ETA" in console and "=== fold 1 of 2 ===" in console
+    for noise in ("Tip:", "GPU available", "Seed set to", "Warning", "wandb:"):  # Lightning, warnings, wandb: log file only
+        assert noise not in console, noise
+    logs = "".join(p.read_text() for p in (finished_run / "logs").glob("*.log"))
+    assert "GPU available" in logs and "step 2/4" in logs
 
 
 @pytest.mark.slow
