@@ -89,6 +89,8 @@ class Experiment:
         self.pre_cfg = instantiate(cfg.preprocess)
         self.cache_dir = Path(cfg.paths.cache_dir)
         self.infer_cfg = Stage1InferenceConfig.from_cfg(cfg.inference.stage1)
+        if not bool(cfg.get("verbose", False)):  # quiet console: no bar per whole-scan pass inside the protocol
+            self.infer_cfg = replace(self.infer_cfg, progress=False)
         self.device = "cuda" if cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu"
         self._timing_path = self.run_dir / "timing.json"
         self._volumes: dict[str, TrainingVolume] = {}
@@ -263,7 +265,7 @@ class Experiment:
                 done["capped"] = True
                 break
             rejected.append(self._reject_attempt(out, len(rejected)))
-            self.clock.plan(int(scfg.max_steps))  # the retry's first round
+            self.clock.plan(int(scfg.max_steps), stage)  # the retry's first round
             log.warning("%s: capped member (median peak %.3f on its own training CMBs, below %.2f); kept in %s, "
                         "training again with seed + %d", out, median, float(health.min_median_peak),
                         rejected[-1].name, RETRY_SEED_STEP * len(rejected))
@@ -288,7 +290,7 @@ class Experiment:
         if key not in self._planned:
             self._planned.add(key)
             scfg = self.stage_cfg(stage)
-            self.clock.plan(int(scfg.max_steps) + (refine_steps(scfg) if stage == "unet" else 0))
+            self.clock.plan(int(scfg.max_steps) + (refine_steps(scfg) if stage == "unet" else 0), stage)
 
     def _progress_label(self, run_name: str) -> str:
         """'unet_bs20_fold3_refine' -> 'fold 3/8 · unet_bs20 · hard-negative round'."""
@@ -407,7 +409,8 @@ class Experiment:
         callbacks: list[pl.Callback] = [ckpt, StepSeed(seed)]
         bar = self.verbose if tcfg.get("enable_progress_bar") is None else bool(tcfg.enable_progress_bar)
         if not self.verbose:
-            callbacks.append(StepProgress(self._progress_label(run_name), self.clock, int(tcfg.get("progress_every_n_steps", 50))))
+            callbacks.append(StepProgress(self._progress_label(run_name), self.clock, int(tcfg.get("progress_every_n_steps", 50)),
+                                          kind=run_name.split("_", 1)[0]))
         return pl.Trainer(max_steps=max_steps, accelerator=tcfg.accelerator, devices=tcfg.devices, strategy=tcfg.strategy,
                           precision=tcfg.precision, logger=loggers, callbacks=callbacks, log_every_n_steps=int(tcfg.log_every_n_steps),
                           enable_progress_bar=bar, enable_model_summary=False,

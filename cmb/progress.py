@@ -39,25 +39,33 @@ def quiet_console(verbose: bool) -> None:
 
 
 class TrainingClock:
-    """Training steps planned and done in this process, and the seconds they took: the time left."""
+    """Training steps planned and done in this command per kind of member ("unet", "cnn": their steps cost
+    differently), and the seconds they took: the time left at each kind's pace so far."""
 
     def __init__(self) -> None:
-        self.planned = 0
-        self.done = 0
-        self.seconds = 0.0
+        self.planned: dict[str, int] = {}
+        self.done: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}
 
-    def plan(self, steps: int) -> None:
-        self.planned += int(steps)
+    def plan(self, steps: int, kind: str = "unet") -> None:
+        self.planned[kind] = self.planned.get(kind, 0) + int(steps)
 
-    def record(self, steps: int, seconds: float) -> None:
-        self.done += int(steps)
-        self.seconds += float(seconds)
+    def record(self, steps: int, seconds: float, kind: str = "unet") -> None:
+        self.done[kind] = self.done.get(kind, 0) + int(steps)
+        self.seconds[kind] = self.seconds.get(kind, 0.0) + float(seconds)
 
     def seconds_left(self) -> float | None:
-        """Estimated seconds of training left at the mean pace so far (None before any step)."""
-        if self.done <= 0:
+        """Estimated seconds of training left (None before any step); a kind not timed yet takes the mean pace."""
+        total_done = sum(self.done.values())
+        if total_done <= 0:
             return None
-        return max(0, self.planned - self.done) * self.seconds / self.done
+        mean_pace = sum(self.seconds.values()) / total_done
+        left = 0.0
+        for kind, planned in self.planned.items():
+            done = self.done.get(kind, 0)
+            pace = self.seconds[kind] / done if done > 0 else mean_pace
+            left += max(0, planned - done) * pace
+        return left
 
 
 def format_eta(seconds: float | None) -> str:
@@ -68,10 +76,11 @@ def format_eta(seconds: float | None) -> str:
 
 
 class StepProgress(pl.Callback):
-    """Every `every` steps and at the end of training, one line: `<label> · step s/n · ETA ...` (logger `cmb`)."""
+    """Every `every` steps and at the end of training, one line: `<label> · step s/n · ETA ...` (logger `cmb`);
+    the member's steps are timed as `kind` on the clock."""
 
-    def __init__(self, label: str, clock: TrainingClock, every: int = 50) -> None:
-        self.label, self.clock, self.every = label, clock, max(1, int(every))
+    def __init__(self, label: str, clock: TrainingClock, every: int = 50, kind: str = "unet") -> None:
+        self.label, self.clock, self.every, self.kind = label, clock, max(1, int(every)), kind
         self._last_step: int | None = None
         self._last_time = 0.0
 
@@ -83,7 +92,7 @@ class StepProgress(pl.Callback):
         if self._last_step is None:
             self.on_train_start(trainer, pl_module)
         now = time.perf_counter()
-        self.clock.record(step - int(self._last_step or 0), now - self._last_time)
+        self.clock.record(step - int(self._last_step or 0), now - self._last_time, self.kind)
         self._last_step, self._last_time = step, now
         if step % self.every == 0 or step >= total:
             log.info("%s · step %d/%d · %s (training left in this command)", self.label, step, total,

@@ -190,15 +190,16 @@ def test_unwritable_output_and_run_folders_are_refused_before_any_work(tmp_path:
     assert list(locked.iterdir()) == []
 
 
-def test_training_clock_estimates_the_time_left_at_the_pace_so_far() -> None:
+def test_training_clock_estimates_the_time_left_at_each_kinds_pace() -> None:
     from cmb.progress import TrainingClock, format_eta
 
     clock = TrainingClock()
-    clock.plan(250)
-    clock.plan(250)
+    clock.plan(300, "unet")
+    clock.plan(200, "cnn")
     assert clock.seconds_left() is None
-    clock.record(100, 50.0)  # 0.5 s a step
-    assert clock.seconds_left() == pytest.approx(200.0)
+    clock.record(100, 50.0, "unet")  # 0.5 s a U-Net step; CNN steps not timed yet: the mean pace
+    assert clock.seconds_left() == pytest.approx(200 * 0.5 + 200 * 0.5)
     assert format_eta(clock.seconds_left()) == "ETA 3 min" and format_eta(45) == "ETA 45 s" and format_eta(None) == "ETA …"
-    clock.record(500, 250.0)
-    assert clock.seconds_left() == 0
+    clock.record(200, 100.0, "unet")
+    clock.record(100, 10.0, "cnn")  # 0.1 s a CNN step
+    assert clock.seconds_left() == pytest.approx(100 * 0.1)
