@@ -88,13 +88,13 @@ class Experiment:
         self._prepared = False
         self.pre_cfg = instantiate(cfg.preprocess)
         self.cache_dir = Path(cfg.paths.cache_dir)
+        self.verbose = bool(cfg.get("verbose", False))
         self.infer_cfg = Stage1InferenceConfig.from_cfg(cfg.inference.stage1)
-        if not bool(cfg.get("verbose", False)):  # quiet console: no bar per whole-scan pass inside the protocol
+        if not self.verbose:  # quiet console: no bar per whole-scan pass inside the protocol
             self.infer_cfg = replace(self.infer_cfg, progress=False)
         self.device = "cuda" if cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu"
         self._timing_path = self.run_dir / "timing.json"
         self._volumes: dict[str, TrainingVolume] = {}
-        self.verbose = bool(cfg.get("verbose", False))
         self.clock = TrainingClock()  # training steps planned and done in this command: the ETA of the progress lines
         self._planned: set[tuple[str, str, int]] = set()
 

@@ -81,18 +81,15 @@ class StepProgress(pl.Callback):
 
     def __init__(self, label: str, clock: TrainingClock, every: int = 50, kind: str = "unet") -> None:
         self.label, self.clock, self.every, self.kind = label, clock, max(1, int(every)), kind
-        self._last_step: int | None = None
-        self._last_time = 0.0
+        self._last_step, self._last_time = 0, 0.0  # set by on_train_start (the resumed step, if resumed)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_step, self._last_time = int(trainer.global_step), time.perf_counter()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step, total = int(trainer.global_step), int(trainer.max_steps)
-        if self._last_step is None:
-            self.on_train_start(trainer, pl_module)
         now = time.perf_counter()
-        self.clock.record(step - int(self._last_step or 0), now - self._last_time, self.kind)
+        self.clock.record(step - self._last_step, now - self._last_time, self.kind)
         self._last_step, self._last_time = step, now
         if step % self.every == 0 or step >= total:
             log.info("%s · step %d/%d · %s (training left in this command)", self.label, step, total,

@@ -155,6 +155,7 @@ def check_command_line(config_name: str, argv: list[str], script: str) -> None:
     overrides = command_line_overrides(argv)
     if not overrides:
         return
+    command = script if script.startswith("python") else f"python {script}"  # as the user types it
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except OverrideParseException as err:
@@ -191,7 +192,7 @@ def check_command_line(config_name: str, argv: list[str], script: str) -> None:
             others = [line for line in plain if line != bad.input_line]
             keys = _dotted_keys(composed(others)) + groups
             raise ConfigError(f"{bad.input_line}: {script} has no setting '{bad.key_or_group}'{_near(bad.key_or_group, keys)} "
-                              f"(every setting: python {script} --cfg job)") from None
+                              f"(every setting: {command} --cfg job)") from None
         raise ConfigError(f"{' '.join(overrides)}: {text.splitlines()[0]}") from None
     if not multirun:
         return
@@ -199,4 +200,4 @@ def check_command_line(config_name: str, argv: list[str], script: str) -> None:
     for sweep in sweeps:
         if sweep.key_or_group not in keys and OmegaConf.select(cfg, sweep.key_or_group, default=None) is None:
             raise ConfigError(f"{sweep.input_line}: {script} has no setting '{sweep.key_or_group}'{_near(sweep.key_or_group, keys)} "
-                              f"(every setting: python {script} --cfg job)")
+                              f"(every setting: {command} --cfg job)")
