@@ -89,6 +89,7 @@ class Experiment:
         self.pre_cfg = instantiate(cfg.preprocess)
         self.cache_dir = Path(cfg.paths.cache_dir)
         self.verbose = bool(cfg.get("verbose", False))
+        self.channels_last = bool(cfg.trainer.get("channels_last", False))  # a memory layout: not part of the settings hash
         self.infer_cfg = Stage1InferenceConfig.from_cfg(cfg.inference.stage1)
         if not self.verbose:  # quiet console: no bar per whole-scan pass inside the protocol
             self.infer_cfg = replace(self.infer_cfg, progress=False)
@@ -308,9 +309,10 @@ class Experiment:
         optimizer = instantiate(scfg.optimizer)
         max_steps = int(scfg.max_steps)
         if stage == "unet":
-            module: pl.LightningModule = Stage1Module(net, instantiate(scfg.loss), optimizer, max_steps)
+            module: pl.LightningModule = Stage1Module(net, instantiate(scfg.loss), optimizer, max_steps, self.channels_last)
         else:
-            module = Stage2Module(net, optimizer, max_steps, label_smoothing=float(scfg.get("label_smoothing", 0.0)))
+            module = Stage2Module(net, optimizer, max_steps, label_smoothing=float(scfg.get("label_smoothing", 0.0)),
+                                  channels_last=self.channels_last)
         out.mkdir(parents=True, exist_ok=True)
         write_config_and_metadata(out, self.cfg, stage=stage, fold=str(fold), batch_size=batch_size, train_scans=split["train"],
                                   heldout_scans=split["test"], training_seed=seed)
@@ -345,7 +347,7 @@ class Experiment:
         volumes = self.training_volumes(train, negatives)
         optimizer = instantiate(self.cfg.model.optimizer, lr=float(rcfg.lr))
         steps = int(rcfg.steps)
-        module = Stage1Module(net, instantiate(self.cfg.model.loss), optimizer, steps)
+        module = Stage1Module(net, instantiate(self.cfg.model.loss), optimizer, steps, self.channels_last)
         replay = rcfg.get("replay")
         names = [f"{v.scan_id}:{i}" for v in volumes for i in range(len(v.cmb_centres))]
         schedule = ReplaySchedule(net, volumes, float(replay.below), float(replay.share)) if replay else None

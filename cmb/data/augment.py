@@ -12,9 +12,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from monai.data import get_track_meta, set_track_meta
 from monai.transforms import Flip, Rotate90
 
 from cmb import WINDOW
+
+_FLIPS = tuple(Flip(spatial_axis=axis) for axis in range(3))  # built once: they hold no state
+_TURNS = {k: Rotate90(k=k, spatial_axes=(0, 1)) for k in (1, 2, 3)}
 
 
 @dataclass(frozen=True)
@@ -37,13 +41,23 @@ def sample_params(rng: np.random.Generator, max_shift: int = 1, flip: bool = Tru
 
 
 def augment_region(region: np.ndarray, params: AugmentParams, max_shift: int, window: tuple[int, int, int] = WINDOW) -> np.ndarray:
-    """(C, *region_size) -> (C, *window) with the region's centre voxel at window//2 + shift."""
+    """(C, *region_size) -> (C, *window) with the region's centre voxel at window//2 + shift.
+
+    MONAI's metadata tracking is off while the transforms run: windows carry no metadata, and
+    tracking made each window ~3x slower (0.89 against 0.28 ms; same values), a sixth of a CNN
+    training step on a CPU.
+    """
     out: torch.Tensor | np.ndarray = torch.as_tensor(np.ascontiguousarray(region))
-    for axis, do in enumerate(params.flips):
-        if do:
-            out = Flip(spatial_axis=axis)(out)
-    if params.rot90 % 4:
-        out = Rotate90(k=params.rot90, spatial_axes=(0, 1))(out)
+    tracking = get_track_meta()
+    set_track_meta(False)
+    try:
+        for axis, do in enumerate(params.flips):
+            if do:
+                out = _FLIPS[axis](out)
+        if params.rot90 % 4:
+            out = _TURNS[params.rot90 % 4](out)
+    finally:
+        set_track_meta(tracking)
     arr = np.asarray(out)
     start = [max_shift - s for s in params.shift]
     return np.ascontiguousarray(arr[:, start[0] : start[0] + window[0], start[1] : start[1] + window[1], start[2] : start[2] + window[2]])
