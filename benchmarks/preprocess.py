@@ -32,7 +32,7 @@ def main() -> None:
     data = {"image": scan.image, "mask": None, "spacing": spacing, "affine": scan.affine}
     times = {}
     t0 = time.perf_counter()
-    data = pp.BrainMaskd("image")(data)
+    data = pp.BrainMaskd("image", method="threshold")(data)
     times["mask"] = time.perf_counter() - t0
     t = time.perf_counter()
     n4 = pp.N4BiasCorrectiond("image", shrink=4)(data)

@@ -16,6 +16,7 @@ from cmb.errors import ConfigError
 
 STAGES = ("unet", "cnn", "mine", "fold", "all")
 STAGE1_MODES = ("fast", "faithful")
+MASK_METHODS = ("auto", "user", "deepbet", "hdbet", "threshold")  # preprocess.mask (cmb.data.preprocess.brain_mask_method)
 
 
 def _get(cfg: DictConfig, key: str) -> Any:
@@ -84,6 +85,20 @@ def check_train(cfg: DictConfig) -> None:
     one_of(cfg, "mining.mode", ("leak_free", "paper"))
     positive_number(cfg, "eval.target_fp_per_scan")
     positive_number(cfg, "eval.match_radius_mm")
+    brain_mask(cfg)
+
+
+def brain_mask(cfg: DictConfig) -> None:
+    """`preprocess.mask` is a known method, and one asked for by name can run here (installed, weights on disk)."""
+    one_of(cfg, "preprocess.mask", MASK_METHODS)
+    method = _get(cfg, "preprocess.mask")
+    if method not in ("deepbet", "hdbet"):
+        return
+    from cmb.data.preprocess import deepbet_available, hdbet_available
+
+    usable, why = deepbet_available() if method == "deepbet" else hdbet_available(_get(cfg, "preprocess.hdbet_weights"))
+    if not usable:
+        raise ConfigError(f"preprocess.mask={method}: {why}")
 
 
 def check_infer(cfg: DictConfig) -> None:

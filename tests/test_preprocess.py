@@ -25,7 +25,7 @@ def test_histogram_peak_normalization_maps_peak_to_half() -> None:
 
 def test_chain_on_phantom_mask_and_peak(phantom_scan) -> None:
     data = {"image": phantom_scan.image, "mask": None, "spacing": (0.45, 0.45, 0.9), "affine": phantom_scan.affine}
-    out = pp.preprocessing_chain(pp.PreprocessConfig())(data)
+    out = pp.preprocessing_chain(pp.PreprocessConfig(), "threshold")(data)
     mask, tissue = out["mask"], phantom_scan.tissue
     assert out["mask_method"] == "threshold"
     assert (mask & (tissue == 4)).sum() / (tissue == 4).sum() > 0.98  # covers the brain
@@ -54,7 +54,7 @@ def test_user_mask_wins_and_cache_avoids_rerun(tiny_synthetic: Path, tmp_path: P
     cfg = pp.PreprocessConfig()
     first = pp.preprocess_scan(scan, cfg, tmp_path)
     calls = []
-    monkeypatch.setattr(pp, "preprocessing_chain", lambda c: calls.append(c) or (_ for _ in ()).throw(AssertionError("re-ran")))
+    monkeypatch.setattr(pp, "preprocessing_chain", lambda c, m: calls.append(c) or (_ for _ in ()).throw(AssertionError("re-ran")))
     second = pp.preprocess_scan(scan, cfg, tmp_path)
     assert calls == []
     np.testing.assert_array_equal(first.image, second.image)
@@ -62,13 +62,63 @@ def test_user_mask_wins_and_cache_avoids_rerun(tiny_synthetic: Path, tmp_path: P
     monkeypatch.undo()
     user = np.zeros(scan.shape, bool)
     user[10:50, 10:50, 5:25] = True
-    out = pp.BrainMaskd("image")({"image": scan.image, "mask": user, "spacing": scan.spacing_mm, "affine": scan.affine})
+    out = pp.BrainMaskd("image", method="user")({"image": scan.image, "mask": user, "spacing": scan.spacing_mm, "affine": scan.affine})
     assert out["mask_method"] == "user" and np.array_equal(out["mask"], user)
 
 
 def test_hdbet_is_skipped_with_reason_when_absent(tmp_path: Path) -> None:
     ok, why = pp.hdbet_available(str(tmp_path / "no-weights"))
     assert not ok and ("not installed" in why or "weights are not in" in why)
+
+
+def test_the_mask_method_is_resolved_with_its_reason_and_one_asked_for_must_run(monkeypatch) -> None:
+    from cmb.errors import ConfigError
+
+    monkeypatch.setattr(pp, "hdbet_available", lambda weights: (False, "HD-BET is not installed; pip install -e '.[hdbet]'"))
+    assert pp.brain_mask_method("auto", True) == ("user", "the scan's masks/<id> file")
+    method, why = pp.brain_mask_method("auto", False)
+    assert method == "threshold" and why == "the SimpleITK threshold fallback (HD-BET is not installed; pip install -e '.[hdbet]')"
+    assert pp.brain_mask_method("threshold", True)[0] == "threshold"  # asked for: the user's mask file is not used
+    with pytest.raises(ConfigError, match="preprocess.mask=user needs a masks/<id> file"):
+        pp.brain_mask_method("user", False)
+    with pytest.raises(ConfigError, match="preprocess.mask=hdbet: HD-BET is not installed"):
+        pp.brain_mask_method("hdbet", False)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"preprocess.mask=deepbet: deepbet is not installed; pip install -e '.\[deepbet\]'"):
+        pp.brain_mask_method("deepbet", False)
+    with pytest.raises(ConfigError, match="preprocess.mask='bogus' is not allowed"):
+        pp.PreprocessConfig(mask="bogus")
+
+
+def test_run_folders_written_before_the_rename_read_their_mask_settings() -> None:
+    cfg = pp.PreprocessConfig.from_settings({"_target_": "cmb.data.preprocess.PreprocessConfig", "mask_method": "threshold",
+                                             "hdbet_params_dir": "/w"}, "old/config.yaml")
+    assert (cfg.mask, cfg.hdbet_weights) == ("threshold", "/w")
+
+
+def test_the_cache_key_holds_the_method_used_not_auto(tiny_synthetic: Path, tmp_path: Path, monkeypatch) -> None:
+    """Installing HD-BET after a run must not serve the threshold masks cached under `auto` before."""
+    ds = SyntheticDataset("tiny", 0, tiny_synthetic)
+    scan = ds.load(ds.scan_ids()[0])
+    first = pp.preprocess_scan(scan, pp.PreprocessConfig(), tmp_path)
+    assert first.meta["mask_method"] == "threshold"
+    box = np.zeros(scan.shape, bool)
+    box[8:56, 8:56, 4:28] = True
+    monkeypatch.setattr(pp, "hdbet_available", lambda weights: (True, "/weights"))
+    monkeypatch.setattr(pp, "hdbet_mask", lambda image, affine, weights, source=None: box)
+    second = pp.preprocess_scan(scan, pp.PreprocessConfig(), tmp_path)
+    assert second.meta["mask_method"] == "hdbet" and np.array_equal(np.asarray(second.mask), box)
+    assert len(list((tmp_path / "preprocess").iterdir())) == 2
+
+
+@pytest.mark.slow
+def test_deepbet_masks_the_phantom_brain_when_installed(phantom_scan) -> None:
+    pytest.importorskip("deepbet")
+    mask = pp.deepbet_mask(phantom_scan.image, phantom_scan.affine)
+    brain = phantom_scan.tissue == 4
+    assert mask.shape == brain.shape and mask.dtype == bool
+    assert (mask & brain).sum() / brain.sum() > 0.9  # a learned T1 model finds the SWI phantom's brain (0.96-0.99 measured)
+    assert (mask & (phantom_scan.tissue == 1)).sum() / mask.sum() < 0.02  # and leaves the scalp out
 
 
 def _damage(entry: Path, how: str) -> None:

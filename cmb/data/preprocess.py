@@ -7,6 +7,7 @@ Data dictionaries carry `image` (float32 (I, J, K), canonical orientation),
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -28,10 +29,12 @@ from scipy import ndimage
 from cmb.conf_utils import refuse_code
 from cmb.data.io import load_volume, to_canonical
 from cmb.data.scan import Scan
-from cmb.errors import DataError
+from cmb.errors import ConfigError, DataError
+from cmb.validate import MASK_METHODS
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
+LEGACY_NAMES = {"mask_method": "mask", "hdbet_params_dir": "hdbet_weights"}  # run folders written before the rename
 NO_CHECKSUMS = "meta.json records no checksums"  # entries from before checksums: recomputed once
 
 
@@ -39,14 +42,18 @@ NO_CHECKSUMS = "meta.json records no checksums"  # entries from before checksums
 class PreprocessConfig:
     """Settings of the preprocessing chain (all part of the cache key)."""
 
-    mask_method: str = "auto"  # auto | user | hdbet | threshold
-    hdbet_params_dir: str | None = None  # HD-BET weights folder; default ~/hd-bet_params
+    mask: str = "auto"  # auto | user | deepbet | hdbet | threshold (brain_mask_method)
+    hdbet_weights: str | None = None  # HD-BET weights folder; default ~/hd-bet_params
     n4: bool = True
     n4_shrink: int = 4
     n4_iterations: tuple[int, ...] = (50, 50, 30)
     histogram_bins: int = 256
     target_peak: float = 0.5
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mask not in MASK_METHODS:
+            raise ConfigError(f"preprocess.mask={self.mask!r} is not allowed: one of {', '.join(MASK_METHODS)}")
 
     @classmethod
     def from_settings(cls, settings: Any, source: str | Path) -> "PreprocessConfig":
@@ -62,7 +69,7 @@ class PreprocessConfig:
         node = OmegaConf.create(settings) if isinstance(settings, dict) else settings
         refuse_code(node, "preprocess", (None, f"{cls.__module__}.{cls.__qualname__}"), "cmb's preprocessing settings", source)
         # values taken from the node as they are, so the preprocessing cache key matches a config built by Hydra
-        values = {k: node[k] for k in node if k != "_target_"}
+        values = {LEGACY_NAMES.get(k, k): node[k] for k in node if k != "_target_"}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -112,66 +119,132 @@ def threshold_brain_mask(image: np.ndarray, spacing: tuple[float, float, float])
     return mask
 
 
-def hdbet_available(params_dir: str | None) -> tuple[bool, str]:
-    """HD-BET is usable only when installed and its weights already exist locally."""
+def hdbet_available(weights: str | None) -> tuple[bool, str]:
+    """HD-BET is usable only when installed and its weights already exist locally (`weights`, default
+    ~/hd-bet_params). Returns (usable, the weights folder or why not)."""
     exe = shutil.which("hd-bet")
     if exe is None:
-        return False, "HD-BET is not installed (pip install 'cmb[hdbet]')"
-    folder = Path(params_dir).expanduser() if params_dir else Path.home() / "hd-bet_params"
+        return False, "HD-BET is not installed; pip install -e '.[hdbet]'"
+    folder = Path(weights).expanduser() if weights else Path.home() / "hd-bet_params"
     if not folder.is_dir() or not any(folder.iterdir()):
-        return False, f"HD-BET is installed but its weights are not in {folder} (it would download them; we never do)"
+        return False, (f"HD-BET is installed but its weights are not in {folder}: it would download them and we never do. "
+                       "Copy the weights folder from a machine with a network and pass preprocess.hdbet_weights=PATH")
     return True, str(folder)
 
 
-def hdbet_mask(image: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Run the installed `hd-bet` command on CPU; returns a bool mask (I, J, K)."""
+def hdbet_mask(image: np.ndarray, affine: np.ndarray, weights: str, source: Path | str | None = None) -> np.ndarray:
+    """Run the installed `hd-bet` command on CPU with the weights in `weights`; returns a bool mask (I, J, K)."""
     import nibabel as nib
 
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.nii.gz", Path(tmp) / "out.nii.gz"
         nib.save(nib.Nifti1Image(image, affine), src)
         cmd = ["hd-bet", "-i", str(src), "-o", str(dst), "-device", "cpu", "--save_bet_mask"]
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        # HD-BET reads its weights from ~/hd-bet_params only (and downloads them when missing): point a private
+        # home's hd-bet_params at the weights folder, which hdbet_available checked is there
+        (Path(tmp) / "home").mkdir()
+        (Path(tmp) / "home" / "hd-bet_params").symlink_to(Path(weights).resolve(), target_is_directory=True)
+        result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HOME": str(Path(tmp) / "home")})
         masks = sorted(Path(tmp).glob("out*mask*.nii.gz"))
         if result.returncode != 0 or not masks:
-            raise DataError(None, f"HD-BET failed: {result.stderr.strip()[-500:]}")
+            raise DataError(source, f"HD-BET failed: {result.stderr.strip()[-500:]}")
         return np.asanyarray(nib.load(str(masks[0])).dataobj) > 0
 
 
-class BrainMaskd(MapTransform):
-    """Add `mask` (bool (I, J, K)): the user's mask, HD-BET when usable, else the threshold fallback.
+def deepbet_available() -> tuple[bool, str]:
+    """deepbet (a learned brain extraction whose wheel ships its weights) is usable when installed with them.
+    Returns (usable, the weights file or why not)."""
+    import importlib.util
 
-    Writes which method was used into `mask_method`.
+    if importlib.util.find_spec("deepbet") is None:
+        return False, "deepbet is not installed; pip install -e '.[deepbet]'"
+    from deepbet.utils import DATA_PATH
+
+    weights = Path(DATA_PATH) / "models" / "model.pt"
+    if not weights.is_file() or not (weights.parent / "bbox_model.pt").is_file():
+        return False, f"deepbet is installed but its weights are not in {weights.parent} (reinstall it; we never download)"
+    return True, str(weights)
+
+
+@functools.lru_cache(maxsize=1)
+def _deepbet_extractor() -> Any:
+    """deepbet's two TorchScript networks (its own files, loaded once per process), on a GPU when there is one."""
+    import torch
+    from deepbet import BrainExtraction
+
+    return BrainExtraction(no_gpu=not torch.cuda.is_available())
+
+
+def deepbet_mask(image: np.ndarray, affine: np.ndarray, source: Path | str | None = None) -> np.ndarray:
+    """deepbet's brain mask of `image` (float (I, J, K), canonical orientation, `affine` voxel -> RAS mm);
+    bool (I, J, K). Threshold 0.5, no dilation (deepbet's defaults)."""
+    import nibabel as nib
+
+    try:
+        _, mask, _ = _deepbet_extractor().run(nib.Nifti1Image(np.asarray(image, dtype=np.float32), affine))
+    except (AssertionError, RuntimeError, ValueError) as err:  # deepbet asserts on an image without enough foreground
+        raise DataError(source, f"deepbet brain extraction failed: {err}") from None
+    return np.asanyarray(mask.dataobj) > 0
+
+
+def brain_mask_method(requested: str, has_user_mask: bool, hdbet_weights: str | None = None) -> tuple[str, str]:
+    """The method that makes a scan's brain mask, and why (for the log and the cache key).
+
+    `auto`: a user mask (masks/<id>) > HD-BET (installed with local weights) > the threshold
+    fallback. deepbet is used when asked for (`deepbet`): on our phantoms it leaves 1.6-2.7% of
+    the brain out (the surface, where lobar CMBs lie) and more skull and scalp in on the paper
+    preset (benchmarks/brain_mask.py, docs/experiments.md), so `auto` does not pick it. An
+    explicitly requested method that cannot run is a `ConfigError` saying how to get it.
     """
+    if requested == "user" or (requested == "auto" and has_user_mask):
+        if not has_user_mask:
+            raise ConfigError("preprocess.mask=user needs a masks/<id> file for every scan; none was found")
+        return "user", "the scan's masks/<id> file"
+    if requested == "deepbet":
+        usable, why = deepbet_available()
+        if not usable:
+            raise ConfigError(f"preprocess.mask=deepbet: {why}")
+        return "deepbet", f"deepbet ({why})"
+    if requested in ("auto", "hdbet"):
+        usable, why = hdbet_available(hdbet_weights)
+        if usable:
+            return "hdbet", f"HD-BET (weights {why})"
+        if requested == "hdbet":
+            raise ConfigError(f"preprocess.mask=hdbet: {why}")
+        return "threshold", f"the SimpleITK threshold fallback ({why})"
+    return "threshold", "the SimpleITK threshold mask (preprocess.mask=threshold)"
 
-    def __init__(self, keys: str = "image", method: str = "auto", hdbet_params_dir: str | None = None) -> None:
+
+class BrainMaskd(MapTransform):
+    """Add `mask` (bool (I, J, K)) made by `method` (a resolved `brain_mask_method`: user, deepbet,
+    hdbet or threshold) and record it in `mask_method`."""
+
+    def __init__(self, keys: str = "image", method: str = "threshold", hdbet_weights: str | None = None) -> None:
         super().__init__(keys)
-        if method not in ("auto", "user", "hdbet", "threshold"):
-            raise ValueError(f"mask method must be auto|user|hdbet|threshold, got {method!r}")
+        if method not in ("user", "deepbet", "hdbet", "threshold"):
+            raise ValueError(f"brain mask method must be user|deepbet|hdbet|threshold (resolved), got {method!r}")
         self.method = method
-        self.hdbet_params_dir = hdbet_params_dir
+        self.hdbet_weights = hdbet_weights
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         d = dict(data)
         key = self.keys[0]
-        if d.get("mask") is not None and self.method in ("auto", "user"):
+        if self.method == "user":
+            if d.get("mask") is None:
+                raise DataError(d.get("path"), "brain mask method 'user' needs a masks/<id> file, none was found")
             d["mask"] = np.asarray(d["mask"]) > 0
-            d["mask_method"] = "user"
-        elif self.method == "user":
-            raise DataError(d.get("path"), "mask method 'user' needs a masks/<id> file, none was found")
+        elif self.method == "deepbet":
+            d["mask"] = deepbet_mask(d[key], d["affine"], d.get("path"))
+        elif self.method == "hdbet":
+            usable, weights = hdbet_available(self.hdbet_weights)
+            if not usable:
+                raise ConfigError(weights)
+            d["mask"] = hdbet_mask(d[key], d["affine"], weights, d.get("path"))
         else:
-            use_hdbet, why = hdbet_available(self.hdbet_params_dir) if self.method in ("auto", "hdbet") else (False, "")
-            if self.method == "hdbet" and not use_hdbet:
-                raise DataError(None, why)
-            if use_hdbet:
-                d["mask"], d["mask_method"] = hdbet_mask(d[key], d["affine"]), "hdbet"
-            else:
-                if self.method == "auto":
-                    log.info("brain mask: %s; using the SimpleITK threshold fallback", why)
-                d["mask"], d["mask_method"] = threshold_brain_mask(d[key], d["spacing"]), "threshold"
+            d["mask"] = threshold_brain_mask(d[key], d["spacing"])
+        d["mask_method"] = self.method
         if d["mask"].sum() < 1000:
             raise DataError(d.get("path"), f"brain mask ({d['mask_method']}) is empty or tiny ({int(d['mask'].sum())} voxels)")
-        log.info("%s: brain mask by %s", d.get("scan_id", "scan"), d["mask_method"])
         return d
 
 
@@ -232,8 +305,9 @@ class HistogramPeakNormalized(MapTransform):
         return d
 
 
-def preprocessing_chain(cfg: PreprocessConfig) -> Compose:
-    steps: list = [BrainMaskd("image", method=cfg.mask_method, hdbet_params_dir=cfg.hdbet_params_dir)]
+def preprocessing_chain(cfg: PreprocessConfig, mask_method: str) -> Compose:
+    """Brain mask by `mask_method` (resolved: `brain_mask_method`), N4, histogram-peak normalization."""
+    steps: list = [BrainMaskd("image", method=mask_method, hdbet_weights=cfg.hdbet_weights)]
     if cfg.n4:
         steps.append(N4BiasCorrectiond("image", shrink=cfg.n4_shrink, iterations=cfg.n4_iterations))
     steps.append(HistogramPeakNormalized("image", bins=cfg.histogram_bins, target=cfg.target_peak))
@@ -250,14 +324,17 @@ class Preprocessed:
     meta: dict
 
 
-def _cache_key(scan: Scan, cfg: PreprocessConfig) -> str:
+def _cache_key(scan: Scan, cfg: PreprocessConfig, mask_method: str) -> str:
     def stat(path: Path | None) -> list | None:
         if path is None:
             return None
+        if Path(path).is_dir():  # a DICOM series folder: every file in it
+            return [str(Path(path).resolve())] + [stat(p) for p in sorted(Path(path).iterdir()) if p.is_file()]
         st = Path(path).stat()
         return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
 
-    payload = {"v": CACHE_VERSION, "image": stat(scan.path), "mask": stat(scan.mask_path), "cfg": asdict(cfg)}
+    # the method actually used, not `auto`: installing HD-BET must not serve the threshold masks cached before
+    payload = {"v": CACHE_VERSION, "image": stat(scan.path), "mask": stat(scan.mask_path), "cfg": asdict(cfg), "mask_method": mask_method}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -295,7 +372,8 @@ def preprocess_scan(scan: Scan, cfg: PreprocessConfig, cache_dir: str | Path | N
     folder and renamed, so an interrupted run leaves no partial entry, and processes filling
     the same entry at once all end with the first one's (the others' copies are dropped).
     """
-    entry = Path(cache_dir) / "preprocess" / _cache_key(scan, cfg) if cache_dir is not None else None
+    mask_method, why = brain_mask_method(cfg.mask, scan.mask_path is not None, cfg.hdbet_weights)
+    entry = Path(cache_dir) / "preprocess" / _cache_key(scan, cfg, mask_method) if cache_dir is not None else None
     if entry is not None and entry.is_dir():
         try:
             return _read_entry(entry, scan.scan_id)
@@ -310,12 +388,13 @@ def preprocess_scan(scan: Scan, cfg: PreprocessConfig, cache_dir: str | Path | N
                 shutil.rmtree(damaged, ignore_errors=True)
             except OSError:  # another process moved or replaced it first
                 pass
+    log.info("%s: brain mask by %s", scan.scan_id, why)
     user_mask = None
     if scan.mask_path is not None:
         raw, affine = load_volume(scan.mask_path, what="brain mask")
         user_mask = to_canonical(raw, affine)[0] > 0
     data = {"image": scan.image, "mask": user_mask, "spacing": scan.spacing_mm, "affine": scan.affine, "scan_id": scan.scan_id, "path": scan.path}
-    out = preprocessing_chain(cfg)(data)
+    out = preprocessing_chain(cfg, mask_method)(data)
     image, mask = out["image"].astype(np.float32), out["mask"].astype(bool)
     meta = {"scan_id": scan.scan_id, "source": str(scan.path), "mask_method": out["mask_method"], "histogram_peak": out["histogram_peak"],
             "shape": list(scan.shape), "spacing_mm": list(scan.spacing_mm), "checksums": {"image": _checksum(image), "mask": _checksum(mask)}}
