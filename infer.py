@@ -24,7 +24,7 @@ log = logging.getLogger("cmb")
 @hydra.main(version_base="1.3", config_path="conf", config_name="infer")
 @hydra_entry
 def main(cfg: DictConfig) -> None:
-    from cmb.data.io import nifti_stem, require_writable
+    from cmb.data.io import input_id, require_writable
     from cmb.inference.predictor import Predictor, list_inputs, output_paths, write_output_index, write_outputs
 
     for key in ("model_dir", "input", "output"):
@@ -35,7 +35,7 @@ def main(cfg: DictConfig) -> None:
     out_dir = Path(cfg.output)
     require_writable(out_dir, "output folder")
     if not cfg.overwrite:
-        clashes = [p for f in files for p in output_paths(out_dir, nifti_stem(f)) if p.exists()]
+        clashes = [p for f in files for p in output_paths(out_dir, input_id(f)) if p.exists()]
         if clashes:
             raise CMBError(f"{clashes[0]}: output exists already; pass overwrite=true or choose another output folder")
     predictor = Predictor(cfg.model_dir, cfg.fold, cfg.threshold, cfg.stage1_mode, cfg.paths.cache_dir, progress=bool(cfg.progress))

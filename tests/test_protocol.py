@@ -165,6 +165,8 @@ def test_train_rejects_bad_fold_and_unknown_dataset(tmp_path: Path, tiny_synthet
     ("experiment=lotvc", "experiment=lotvc: Could not find 'experiment/lotvc'; available: lotcv, paper"),
     ("fold=0,1", "fold=0,1: a comma-separated value needs -m"),
     ("fold=[0", "cannot read the command line"),
+    ("preprocess.mask=bogus", "preprocess.mask='bogus' is not allowed: one of auto, user, deepbet, hdbet, threshold"),
+    ("preprocess.mask=hdbet", "preprocess.mask=hdbet: HD-BET is not installed; pip install -e '.[hdbet]'"),
 ])
 def test_bad_values_are_refused_at_the_door_before_any_folder_exists(tmp_path: Path, tiny_synthetic: Path, override: str,
                                                                       message: str) -> None:
@@ -252,6 +254,56 @@ def test_infer_outputs_map_back_to_the_planted_cmb(finished_run: Path, tmp_path:
     np.testing.assert_allclose(points[nearest]["position"], mm, atol=0.01)
     with pytest.raises(Exception, match="output exists already"):
         pred.write_outputs(det, tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_infer_on_a_dicom_series_equals_infer_on_the_same_scan_as_nifti(finished_run: Path, tmp_path: Path, monkeypatch,
+                                                                       tiny_synthetic_module: Path) -> None:
+    """A DICOM series folder goes the same way as a NIfTI file of the same voxels and geometry: same
+    detections (voxels of the series grid, RAS mm), and each row names its slice's SOP Instance UID.
+    The stage-1 map and stage-2 scores are known functions, as in the test above."""
+    import csv
+
+    from scipy import ndimage
+    from test_dicom import SERIES, write_series
+
+    from cmb.inference import predictor as pred
+    from cmb.inference import stage1, stage2
+
+    cmb_vox, affine = _lps_scan_with_cmb(tmp_path / "scan.nii.gz")
+    image = np.rint(np.asanyarray(nib.load(str(tmp_path / "scan.nii.gz")).dataobj)).astype(np.int16)  # DICOM stores integers
+    nib.save(nib.Nifti1Image(image, affine), str(tmp_path / "scan.nii.gz"))
+    lps = np.diag([-1.0, -1.0, 1.0]) @ affine[:3]
+    spacing = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
+    write_series(image, tmp_path / "scan_dicom", spacing=tuple(spacing), origin=tuple(lps[:, 3]),
+                 direction=tuple((lps[:3, :3] / spacing).ravel()))
+
+    def dark_spot_map(net, image, mask, cfg=None, device="cpu"):
+        local = ndimage.uniform_filter(image, size=(5, 5, 3))
+        return np.where(mask, 1 / (1 + np.exp((local - 0.3) * 40)), 0).astype(np.float32)
+
+    monkeypatch.setattr(stage1, "predict_probability", dark_spot_map)
+    monkeypatch.setattr(stage2, "score_points", lambda nets, image, points, **kw: np.linspace(0.99, 0.5, len(points)).astype(np.float32))
+    predictor = pred.Predictor(finished_run, threshold=0.0, cache_dir=tmp_path / "cache", progress=False)
+    assert pred.list_inputs(tmp_path / "scan_dicom") == [tmp_path / "scan_dicom"]
+    tables = {}
+    for name in ("scan.nii.gz", "scan_dicom"):
+        det = predictor.predict_scan(tmp_path / name)
+        written = pred.write_outputs(det, tmp_path / "out")
+        tables[name] = list(csv.DictReader(written[0].open()))
+        np.testing.assert_allclose(nib.load(str(written[1])).affine, affine, atol=1e-5)  # the map on the series' own grid
+    nifti, dicom = tables["scan.nii.gz"], tables["scan_dicom"]
+    assert len(dicom) == len(nifti) >= 1 and "sop_instance_uid" not in nifti[0]
+    for a, b in zip(nifti, dicom):
+        assert [a[k] for k in ("i", "j", "k", "x_mm", "y_mm", "z_mm", "score")] == [b[k] for k in ("i", "j", "k", "x_mm", "y_mm", "z_mm", "score")]
+        assert b["sop_instance_uid"] == f"{SERIES}.{int(round(float(b['k']))) + 1}"
+    nearest = min(dicom, key=lambda r: np.linalg.norm((np.array([float(r[k]) for k in "ijk"]) - cmb_vox) * [0.45, 0.45, 0.9]))
+    assert nearest["sop_instance_uid"] == f"{SERIES}.{int(round(cmb_vox[2])) + 1}"  # the slice a PACS viewer jumps to holds the CMB
+    out = run_cli([f"model_dir={finished_run}", f"input={tmp_path / 'scan_dicom'}", f"output={tmp_path / 'cli'}", "progress=false"],
+                  tiny_synthetic_module, script="infer.py")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "DICOM series" in out.stdout + out.stderr
+    assert (tmp_path / "cli" / "scan_dicom_detections.csv").read_text().splitlines()[0].endswith(",sop_instance_uid")
 
 
 @pytest.mark.slow

@@ -24,6 +24,11 @@ def is_nifti_name(path: str | Path) -> bool:
     return name.endswith(NIFTI_SUFFIXES)
 
 
+def input_id(path: str | Path) -> str:
+    """A scan's id from its input: a DICOM series folder's name, or a NIfTI file's name without its suffix."""
+    return Path(path).name if Path(path).is_dir() else nifti_stem(path)
+
+
 def nifti_stem(path: str | Path) -> str:
     """File name without `.nii` / `.nii.gz`."""
     name = Path(path).name
@@ -58,14 +63,19 @@ def load_volume(path: str | Path, *, what: str = "image", check_window: bool = T
         raise DataError(path, f"{what} must be a 3D volume, got {data.ndim}D with shape {tuple(data.shape)}")
     data = np.asarray(data, dtype=np.float32)
     if what == "image":
-        if not np.isfinite(data).all():
-            n_bad = int((~np.isfinite(data)).sum())
-            raise DataError(path, f"image has {n_bad} NaN/Inf voxels; replace them (e.g. with 0) before use")
-        if not np.any(data):
-            raise DataError(path, "image is all zeros")
-        if check_window and any(s < w for s, w in zip(data.shape, WINDOW)):
-            raise DataError(path, f"image shape {data.shape} is smaller than one {WINDOW} window")
+        check_image_values(path, data, check_window)
     return data, affine
+
+
+def check_image_values(path: Path, data: np.ndarray, check_window: bool = True) -> None:
+    """Refuse NaN/Inf voxels, an all-zero image and one smaller than a 20x20x16 window (`DataError` naming `path`)."""
+    if not np.isfinite(data).all():
+        n_bad = int((~np.isfinite(data)).sum())
+        raise DataError(path, f"image has {n_bad} NaN/Inf voxels; replace them (e.g. with 0) before use")
+    if not np.any(data):
+        raise DataError(path, "image is all zeros")
+    if check_window and any(s < w for s, w in zip(data.shape, WINDOW)):
+        raise DataError(path, f"image shape {data.shape} is smaller than one {WINDOW} window")
 
 
 def _check_geometry(path: Path, img: object, affine: np.ndarray, what: str) -> None:

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from cmb.data.io import is_nifti_name, load_volume, mm_to_vox, nifti_stem, same_grid, to_canonical, vox_to_mm
+from cmb.data.dicom import read_dicom_series
+from cmb.data.io import check_image_values, is_nifti_name, load_volume, mm_to_vox, nifti_stem, same_grid, to_canonical, vox_to_mm
 from cmb.data.mat import dou_centroids
 from cmb.data.scan import CMBInstance, Scan
 from cmb.errors import ConfigError, DataError
@@ -113,11 +114,17 @@ def _integer_labels(labels: np.ndarray, path: Path) -> np.ndarray:
 
 def build_scan(scan_id: str, image_path: Path, *, label_path: Path | None = None, points: np.ndarray | None = None,
                points_path: Path | None = None, mask_path: Path | None = None, has_truth: bool = True) -> Scan:
-    """Load an image (and its truth) and reorient everything to RAS+."""
-    data, affine = load_volume(image_path)
+    """Load an image (a NIfTI file or a DICOM series folder) and its truth, and reorient everything to RAS+."""
+    slice_uids = None
+    if Path(image_path).is_dir():
+        volume = read_dicom_series(image_path)
+        data, affine, slice_uids = volume.data, volume.affine, volume.slice_uids
+        check_image_values(Path(image_path), data)
+    else:
+        data, affine = load_volume(image_path)
     image, canon_affine, transform = to_canonical(data, affine)
     scan = Scan(scan_id=scan_id, image=image, affine=canon_affine, path=image_path, mask_path=mask_path,
-                has_truth=has_truth, source_affine=affine, source_shape=data.shape, to_canonical=transform)
+                has_truth=has_truth, source_affine=affine, source_shape=data.shape, to_canonical=transform, slice_uids=slice_uids)
     if label_path is not None:
         labels, label_affine = load_volume(label_path, what="label map")
         if labels.shape != data.shape:

@@ -34,6 +34,7 @@ class Scan:
     cmbs: the CMB instances (empty for a scan without CMBs or without truth).
     source_affine / source_shape / to_canonical: the file's own grid and the nibabel
         orientation transform used, so outputs can be mapped back.
+    slice_uids: for a DICOM series, the SOP Instance UID of each slice k of the source grid.
     """
 
     scan_id: str
@@ -47,6 +48,7 @@ class Scan:
     source_affine: np.ndarray | None = None
     source_shape: tuple[int, ...] | None = None
     to_canonical: np.ndarray | None = None
+    slice_uids: list[str] | None = None  # DICOM input: SOP Instance UID of each source slice k
 
     @property
     def spacing_mm(self) -> tuple[float, float, float]:

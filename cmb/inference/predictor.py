@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cmb.data.io import from_canonical, is_nifti_name, mm_to_vox, nifti_stem, vox_to_mm
-from cmb.data.preprocess import PreprocessConfig, preprocess_scan
+from cmb.data.dicom import is_dicom_folder
+from cmb.data.io import from_canonical, input_id, is_nifti_name, mm_to_vox, vox_to_mm
+from cmb.data.preprocess import PreprocessConfig, brain_mask_method, preprocess_scan
 from cmb.data.readers import build_scan
 from cmb.errors import ConfigError, DataError
 from cmb.eval.matching import detection_order
@@ -50,6 +51,7 @@ class ScanDetections:
     canonical_voxels: np.ndarray | None = None  # (N, 3) the same detections on the RAS grid of `image`
     image: np.ndarray | None = None  # the scan's own intensities, RAS grid (for the pictures)
     spacing_mm: tuple[float, float, float] | None = None  # voxel size of `image`
+    slice_uids: list[str] | None = None  # DICOM input: SOP Instance UID of each slice k of the input grid
 
 
 def resolve_members(model_dir: Path, fold: str | int | None) -> tuple[Path, str]:
@@ -84,6 +86,8 @@ class Predictor:
         self.cnns = [self._load(folder / f"cnn_bs{bs}" / "model.pt", "cnn") for bs in self.run_cfg.cnn.batch_sizes]
         self.threshold = self._threshold(threshold)
         self.pre_cfg = PreprocessConfig.from_settings(self.run_cfg.preprocess, cfg_path)  # values only, never instantiate()
+        if self.pre_cfg.mask in ("deepbet", "hdbet"):  # the run's mask method must run here too: refuse before any scan
+            brain_mask_method(self.pre_cfg.mask, False, self.pre_cfg.hdbet_weights)
         self.stage1_cfg = Stage1InferenceConfig.from_cfg(self.run_cfg.inference.stage1)
         if stage1_mode:
             self.stage1_cfg.mode = stage1_mode
@@ -111,7 +115,7 @@ class Predictor:
 
     def predict_scan(self, path: str | Path, scan_id: str | None = None) -> ScanDetections:
         path = Path(path)
-        scan = build_scan(scan_id or nifti_stem(path), path, has_truth=False)
+        scan = build_scan(scan_id or input_id(path), path, has_truth=False)
         t0 = time.perf_counter()
         pre = preprocess_scan(scan, self.pre_cfg, self.cache_dir)
         t1 = time.perf_counter()
@@ -130,7 +134,8 @@ class Predictor:
         return ScanDetections(scan.scan_id, src_vox, mm, np.array([c.score for c in kept]), np.array([c.peak for c in kept]),
                               from_canonical(prob, scan.to_canonical), scan.source_affine,
                               {"preprocess": t1 - t0, "stage1": t2 - t1, "stage2": t3 - t2},
-                              np.array([c.voxel for c in kept], dtype=float).reshape(-1, 3), np.asarray(scan.image), scan.spacing_mm)
+                              np.array([c.voxel for c in kept], dtype=float).reshape(-1, 3), np.asarray(scan.image), scan.spacing_mm,
+                              scan.slice_uids)
 
 
 def output_paths(out_dir: Path, scan_id: str) -> list[Path]:
@@ -146,10 +151,14 @@ def write_outputs(det: ScanDetections, out_dir: Path, overwrite: bool = False) -
         raise DataError(existing[0], "output exists already; pass overwrite=true or choose another output folder")
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{det.scan_id}-", dir=out_dir))
     try:
-        rows = ["scan_id,i,j,k,x_mm,y_mm,z_mm,score,stage1_score"]
+        uids = det.slice_uids
+        rows = ["scan_id,i,j,k,x_mm,y_mm,z_mm,score,stage1_score" + (",sop_instance_uid" if uids is not None else "")]
         for v, m, s, s1 in zip(det.voxels, det.mm, det.scores, det.stage1_scores):
             # positions to 1/1000 voxel or mm; scores at full precision (they tie at 4 digits near 1)
-            rows.append(f"{det.scan_id},{v[0]:.3f},{v[1]:.3f},{v[2]:.3f},{m[0]:.3f},{m[1]:.3f},{m[2]:.3f},{float(s)!r},{float(s1)!r}")
+            row = f"{det.scan_id},{v[0]:.3f},{v[1]:.3f},{v[2]:.3f},{m[0]:.3f},{m[1]:.3f},{m[2]:.3f},{float(s)!r},{float(s1)!r}"
+            if uids is not None:  # the slice a PACS viewer jumps to: the nearest slice k of the series
+                row += f",{uids[int(np.clip(np.rint(v[2]), 0, len(uids) - 1))]}"
+            rows.append(row)
         (tmp_dir / targets[0].name).write_text("\n".join(rows) + "\n")
         nib.save(nib.Nifti1Image(det.prob_map.astype(np.float32), det.affine), tmp_dir / targets[1].name)
         (tmp_dir / targets[2].name).write_text(json.dumps(slicer_markups(det), indent=1))
@@ -199,17 +208,19 @@ def slicer_markups(det: ScanDetections) -> dict:
 
 
 def list_inputs(path: str | Path) -> list[Path]:
-    """A NIfTI file, or every NIfTI file in a folder (sorted)."""
+    """A NIfTI file, every NIfTI file in a folder (sorted), or a DICOM series folder (one scan)."""
     path = Path(path)
     if path.is_file():
         return [path]
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and is_nifti_name(p))
+        if not files and is_dicom_folder(path):
+            return [path]
         ours = [p for p in files if p.name.endswith(OUTPUT_SUFFIXES)]
         if ours:  # an output folder inside the input folder: never read our own maps back as scans
             log.warning("%s: skipping %d file(s) that cmb wrote itself (e.g. %s)", path, len(ours), ours[0].name)
             files = [p for p in files if p not in ours]
         if not files:
-            raise DataError(path, "no .nii or .nii.gz files in the input folder")
+            raise DataError(path, "no .nii or .nii.gz files and no DICOM series in the input folder")
         return files
     raise DataError(path, "input does not exist")

@@ -1,0 +1,94 @@
+"""DICOM series input: geometry and slice UIDs of series written by SimpleITK, and bad series refused."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from cmb.data.dicom import is_dicom_folder, read_dicom_series
+from cmb.errors import DataError
+
+SERIES = "1.2.826.0.1.3680043.2.1125.7"
+
+
+def write_series(volume: np.ndarray, folder: Path, spacing=(0.5, 0.6, 1.2), origin=(10.0, -20.0, 30.0),
+                 direction=(1, 0, 0, 0, 1, 0, 0, 0, 1), series_uid: str = SERIES, skip: tuple[int, ...] = (),
+                 shift_mm: dict[int, float] | None = None, tilt: tuple[int, ...] = ()) -> None:
+    """`volume` (I, J, K) int16 as one DICOM file per slice k (LPS `origin`, `direction` row-major, as SimpleITK).
+
+    skip: slices left out; shift_mm: slice k's position moved along the slice axis; tilt: slices given
+    another orientation (as if from another series)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    image = sitk.GetImageFromArray(np.transpose(volume, (2, 1, 0)).astype(np.int16))
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection([float(v) for v in direction])
+    d = [float(v) for v in direction]
+    orientation = "\\".join(str(v) for v in (d[0], d[3], d[6], d[1], d[4], d[7]))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(volume.shape[2]):
+        if k in skip:
+            continue
+        sl = image[:, :, k]
+        tags = {"0020|000e": series_uid, "0020|000d": "1.2.3.4", "0008|0060": "MR", "0008|0016": "1.2.840.10008.5.1.4.1.1.4",
+                "0020|0037": "1\\0\\0\\0\\0.8\\0.6" if k in tilt else orientation, "0008|0018": f"{series_uid}.{k + 1}",
+                "0020|0013": str(k + 1)}
+        for tag, value in tags.items():
+            sl.SetMetaData(tag, value)
+        position = np.array(image.TransformIndexToPhysicalPoint((0, 0, k)))
+        if shift_mm and k in shift_mm:
+            position = position + shift_mm[k] * np.array(d[2::3])
+        sl.SetMetaData("0020|0032", "\\".join(repr(float(p)) for p in position))
+        writer.SetFileName(str(folder / f"IM{(k * 7919) % 1000:04d}_{k}_{series_uid[-3:]}.dcm"))  # names not in slice order
+        writer.Execute(sl)
+
+
+def _volume(shape=(40, 36, 24)) -> np.ndarray:
+    return np.random.default_rng(0).integers(1, 1000, shape).astype(np.int16)
+
+
+@pytest.mark.parametrize("direction", [(1, 0, 0, 0, 1, 0, 0, 0, 1), (1, 0, 0, 0, -1, 0, 0, 0, -1), (0, 0, 1, 1, 0, 0, 0, 1, 0)])
+def test_a_series_reads_as_its_voxels_on_a_ras_affine_with_one_uid_per_slice(tmp_path: Path, direction) -> None:
+    volume = _volume()
+    write_series(volume, tmp_path / "s", direction=direction)
+    assert is_dicom_folder(tmp_path / "s") and not is_dicom_folder(tmp_path)
+    vol = read_dicom_series(tmp_path / "s")
+    np.testing.assert_array_equal(vol.data, volume)  # slice k of the series is k of the grid, whatever the file names
+    lps = np.eye(4)
+    lps[:3, :3] = np.array(direction, float).reshape(3, 3) * [0.5, 0.6, 1.2]
+    lps[:3, 3] = [10.0, -20.0, 30.0]
+    np.testing.assert_allclose(vol.affine, np.diag([-1, -1, 1, 1]) @ lps, atol=1e-6)  # RAS = LPS with x, y negated
+    assert vol.slice_uids == [f"{SERIES}.{k + 1}" for k in range(volume.shape[2])] and vol.series_uid == SERIES
+
+
+def test_the_largest_of_several_series_is_read_and_named(tmp_path: Path, caplog) -> None:
+    write_series(_volume((40, 36, 24)), tmp_path / "s", series_uid=SERIES)
+    write_series(_volume((40, 36, 18)), tmp_path / "s", series_uid=SERIES + "9")
+    with caplog.at_level(logging.INFO):
+        vol = read_dicom_series(tmp_path / "s")
+    assert vol.series_uid == SERIES and vol.data.shape == (40, 36, 24)
+    assert f"reading {SERIES} (24 files), the largest; ignoring {SERIES}9 (18 files)" in caplog.text
+
+
+@pytest.mark.parametrize("damage, message", [
+    ({"skip": (10,)}, "missing slices: a gap of 2.400 mm"),
+    ({"shift_mm": {12: 0.4}}, "non-uniform slice spacing"),
+    ({"tilt": (5,)}, "mixed series"),
+    ({"shift_mm": {12: -1.2}}, "two slices at one position"),
+])
+def test_a_series_that_is_not_one_regular_volume_is_one_line_naming_the_folder(tmp_path: Path, damage: dict, message: str) -> None:
+    write_series(_volume(), tmp_path / "bad", **damage)
+    with pytest.raises(DataError, match=message) as err:
+        read_dicom_series(tmp_path / "bad")
+    assert str(tmp_path / "bad") in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_folder_without_dicom_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(DataError, match="no DICOM series"):
+        read_dicom_series(tmp_path)
