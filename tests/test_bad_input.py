@@ -116,16 +116,6 @@ def test_missing_label_file(tmp_path: Path) -> None:
         NiftiDataset(tmp_path)
 
 
-def test_no_half_written_nifti(tmp_path: Path) -> None:
-    from cmb.data.io import atomic_save_nifti
-
-    target = atomic_save_nifti(np.ones((4, 4, 4), np.float32), np.eye(4), tmp_path / "a.nii.gz")
-    with pytest.raises(DataError, match="refusing to overwrite"):
-        atomic_save_nifti(np.zeros((4, 4, 4), np.float32), np.eye(4), target)
-    assert np.asanyarray(nib.load(target).dataobj).max() == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["a.nii.gz"]
-
-
 def _raw_header(sform: np.ndarray | None, pixdim: tuple[float, float, float]) -> nib.Nifti1Header:
     header = nib.Nifti1Header()
     header.set_data_shape((30, 30, 20))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -139,24 +138,6 @@ def same_grid(affine_a: np.ndarray, affine_b: np.ndarray, tol: float = 1e-3) -> 
     return bool(np.allclose(affine_a, affine_b, atol=tol))
 
 
-def atomic_save_nifti(data: np.ndarray, affine: np.ndarray, path: str | Path, *, overwrite: bool = False) -> Path:
-    """Write a NIfTI through a temporary file and rename, so no half-written file remains."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise DataError(path, "refusing to overwrite an existing file")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if str(path).endswith(".gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=suffix, prefix=".tmp-")
-    os.close(fd)
-    try:
-        nib.save(nib.Nifti1Image(data, affine), tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def require_writable(folder: str | Path, what: str) -> None:
     """Refuse up front (`DataError`) when `folder`, or the nearest part of it that exists, cannot be written."""
     folder = Path(folder).resolve()
@@ -175,6 +156,3 @@ def atomic_write_text(text: str, path: str | Path) -> Path:
     os.replace(tmp, path)
     return path
 
-
-def warn_once(message: str) -> None:
-    warnings.warn(message, stacklevel=2)
