@@ -41,7 +41,7 @@ class PhantomPreset:
 
 
 PRESETS: dict[str, PhantomPreset] = {
-    "demo": PhantomPreset((160, 160, 64), (0.45, 0.45, 0.9), n_scans=6, n_thin_veins=45, n_thick_veins=8),
+    "demo": PhantomPreset((160, 160, 64), (0.45, 0.45, 0.9), n_scans=8, n_thin_veins=45, n_thick_veins=8),
     "paper": PhantomPreset((512, 512, 150), (0.45, 0.45, 0.9), n_scans=15, n_thin_veins=260, n_thick_veins=45, total_cmbs=40),
     "tiny": PhantomPreset((64, 64, 32), (0.45, 0.45, 0.9), n_scans=4, n_thin_veins=6, n_thick_veins=1, n_calcifications=(0, 1)),
 }
