@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -12,26 +13,33 @@ import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
-from cmb.data.phantom import PRESETS, PhantomGenerator, preset_json
+from cmb.data.phantom import PRESETS, PhantomGenerator, PhantomPreset, preset_json
+from cmb.data.physics_phantom import PHYSICS_PRESETS, PhysicsPhantomGenerator
 from cmb.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
+ALL_PRESETS: dict = {**PRESETS, **PHYSICS_PRESETS}  # painted phantoms (cmb.data.phantom) and SWI-physics ones
+
+
+def generator_for(spec: object, seed: int) -> PhantomGenerator | PhysicsPhantomGenerator:
+    """The generator of a preset's family."""
+    return PhantomGenerator(spec, seed) if isinstance(spec, PhantomPreset) else PhysicsPhantomGenerator(spec, seed)  # type: ignore[arg-type]
 
 
 def write_synthetic_dataset(out_dir: Path, preset: str, seed: int, n_scans: int | None = None, progress: bool = True) -> Path:
     """Generate every scan of a preset into `out_dir` (must not exist yet), atomically."""
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown synthetic preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if preset not in ALL_PRESETS:
+        raise ConfigError(f"unknown synthetic preset {preset!r}; choose one of {sorted(ALL_PRESETS)}")
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise DataError(out_dir, "output folder already exists; refusing to overwrite")
-    spec = PRESETS[preset]
+    spec = ALL_PRESETS[preset]
     if n_scans is not None:
         from dataclasses import replace
 
         spec = replace(spec, n_scans=int(n_scans))
-    generator = PhantomGenerator(spec, seed)
+    generator = generator_for(spec, seed)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
@@ -63,8 +71,11 @@ def write_synthetic_dataset(out_dir: Path, preset: str, seed: int, n_scans: int 
 
 def ensure_synthetic_dataset(preset: str, seed: int, cache_dir: Path, n_scans: int | None = None) -> Path:
     """Path of the cached synthetic dataset, generating it on first use."""
+    if preset not in ALL_PRESETS:
+        raise ConfigError(f"unknown synthetic preset {preset!r}; choose one of {sorted(ALL_PRESETS)}")
     suffix = f"-n{n_scans}" if n_scans is not None else ""
-    root = Path(cache_dir).expanduser() / "synthetic" / f"{preset}-seed{seed}{suffix}-v{FORMAT_VERSION}"
+    spec = hashlib.sha256(preset_json(ALL_PRESETS[preset]).encode()).hexdigest()[:8]  # a preset whose content changes gets a new folder
+    root = Path(cache_dir).expanduser() / "synthetic" / f"{preset}-seed{seed}{suffix}-{spec}-v{FORMAT_VERSION}"
     if not (root / "phantom.json").is_file():
         log.info("generating synthetic %s dataset into %s", preset, root)
         if root.exists():
@@ -82,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m cmb.data.synthetic", description=main.__doc__)
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
+    parser.add_argument("--preset", default="demo", choices=sorted(ALL_PRESETS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-scans", type=int, default=None)
     args = parser.parse_args(argv)
