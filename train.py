@@ -5,12 +5,14 @@
     python train.py stage=cnn fold=3 batch_size=20       # one stage-2 CNN member
     python train.py experiment=lotcv                     # the whole LOTCV protocol + evaluation
     python train.py -m fold=0,1 batch_size=20,30         # Hydra multirun
+    python train.py stage=score model_dir=runs/lotcv data.preset=physics_demo name=on_physics   # a run on other data
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -31,6 +33,14 @@ def main(cfg: DictConfig) -> float | None:
 
     quiet_console(bool(cfg.get("verbose", False)))
     check_train(cfg)  # values first: a refused command reads and writes nothing
+    if str(cfg.stage) == "score":  # a finished run scored on another labelled dataset
+        from cmb.eval.evaluate import summary_lines
+        from cmb.eval.transfer import score_run
+
+        results = score_run(cfg)
+        print(summary_lines(results))
+        print(f"report: {Path(str(cfg.paths.run_dir)) / 'report.md'}")
+        return float(results["froc"]["cpm"])
     exp = Experiment(cfg)
     stage = str(cfg.stage)
     fold = FINAL if str(cfg.fold) == FINAL else cfg.fold
@@ -55,7 +65,7 @@ def main(cfg: DictConfig) -> float | None:
         print(f"FROC plot: {exp.run_dir / 'froc.png'}")
         return float(results["froc"]["cpm"])
     else:
-        raise ConfigError(f"stage must be one of unet, cnn, mine, fold, all; got {stage!r}")
+        raise ConfigError(f"stage must be one of unet, cnn, mine, fold, all, score; got {stage!r}")
     return None
 
 

@@ -515,14 +515,7 @@ class Experiment:
             self.write_truth(fold, scan)
 
     def write_truth(self, fold: int, scan: Scan) -> None:
-        """`fold_<k>/truth/<scan>.json`: the CMB count, centroids and, from label components, each CMB's
-        equivalent-sphere diameter in mm (null for centroid-only truth)."""
-        path = self.fold_dir(fold) / "truth" / f"{scan.scan_id}.json"
-        voxel_mm3 = float(np.prod(scan.spacing_mm))
-        diameters = [round(float((6 * c.n_voxels * voxel_mm3 / np.pi) ** (1 / 3)), 3) if scan.instances is not None and c.n_voxels > 0
-                     else None for c in scan.cmbs]
-        atomic_write_text(json.dumps({"scan_id": scan.scan_id, "fold": fold, "n_cmbs": len(scan.cmbs),
-                                      "centroids_vox": scan.centroids_vox.round(3).tolist(), "diameters_mm": diameters}), path)
+        write_truth_file(self.fold_dir(fold) / "truth" / f"{scan.scan_id}.json", scan, fold)
 
     def stage2_heldout(self, fold: int) -> None:
         """Score every out-of-fold stage-1 candidate with the fold's CNNs (as infer.py does; the stage-2
@@ -582,6 +575,16 @@ class Experiment:
         from cmb.eval.evaluate import evaluate_run
 
         return evaluate_run(self.run_dir, self.cfg)
+
+
+def write_truth_file(path: Path, scan: Scan, fold: int) -> None:
+    """`fold_<k>/truth/<scan>.json`: the CMB count, centroids and, from label components, each CMB's
+    equivalent-sphere diameter in mm (null for centroid-only truth)."""
+    voxel_mm3 = float(np.prod(scan.spacing_mm))
+    diameters = [round(float((6 * c.n_voxels * voxel_mm3 / np.pi) ** (1 / 3)), 3) if scan.instances is not None and c.n_voxels > 0
+                 else None for c in scan.cmbs]
+    atomic_write_text(json.dumps({"scan_id": scan.scan_id, "fold": fold, "n_cmbs": len(scan.cmbs),
+                                  "centroids_vox": scan.centroids_vox.round(3).tolist(), "diameters_mm": diameters}), path)
 
 
 def hash_fold(fold: int | str) -> int:

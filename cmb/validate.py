@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from cmb.errors import ConfigError
 
-STAGES = ("unet", "cnn", "mine", "fold", "all")
+STAGES = ("unet", "cnn", "mine", "fold", "all", "score")
 STAGE1_MODES = ("fast", "faithful")
 MASK_METHODS = ("auto", "user", "deepbet", "hdbet", "threshold")  # preprocess.mask (cmb.data.preprocess.brain_mask_method)
 
@@ -71,6 +71,9 @@ def check_train(cfg: DictConfig) -> None:
     """The settings of `train.py` (see conf/train.yaml and its groups)."""
     one_of(cfg, "stage", STAGES)
     fold_value(cfg)
+    fold_value(cfg, "transfer_fold", allow_none=True)
+    if _get(cfg, "stage") == "score" and not _get(cfg, "model_dir"):
+        raise ConfigError("stage=score needs model_dir=RUN_DIR: the finished run whose models score data=...")
     integer(cfg, "batch_size", 2, " (batch norm needs at least 2 windows per batch)")
     integer(cfg, "seed", 0)
     for stage_key in ("model", "cnn"):

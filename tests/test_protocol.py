@@ -214,17 +214,12 @@ def _lps_scan_with_cmb(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return cmb, affine
 
 
-@pytest.mark.slow
-def test_infer_outputs_map_back_to_the_planted_cmb(finished_run: Path, tmp_path: Path, monkeypatch) -> None:
-    """The smoke-trained networks cannot detect yet, so the stage-1 map and stage-2 scores are
-    replaced by known functions; everything else (preprocessing, reorientation, candidates,
-    output writing) is the real path infer.py uses."""
+def _known_stage_outputs(monkeypatch) -> None:  # noqa: ANN001 (pytest fixture)
+    """The smoke-trained networks cannot detect yet: stage 1 becomes a dark-spot detector (the
+    normalized image's local mean below 0.3) and stage 2 scores candidates 0.99 down to 0.5 in order."""
     from scipy import ndimage
 
-    from cmb.inference import predictor as pred
     from cmb.inference import stage1, stage2
-
-    cmb_vox, affine = _lps_scan_with_cmb(tmp_path / "new.nii.gz")
 
     def dark_spot_map(net, image, mask, cfg=None, device="cpu"):
         local = ndimage.uniform_filter(image, size=(5, 5, 3))
@@ -232,6 +227,17 @@ def test_infer_outputs_map_back_to_the_planted_cmb(finished_run: Path, tmp_path:
 
     monkeypatch.setattr(stage1, "predict_probability", dark_spot_map)
     monkeypatch.setattr(stage2, "score_points", lambda nets, image, points, **kw: np.linspace(0.99, 0.5, len(points)).astype(np.float32))
+
+
+@pytest.mark.slow
+def test_infer_outputs_map_back_to_the_planted_cmb(finished_run: Path, tmp_path: Path, monkeypatch) -> None:
+    """The smoke-trained networks cannot detect yet, so the stage-1 map and stage-2 scores are
+    replaced by known functions; everything else (preprocessing, reorientation, candidates,
+    output writing) is the real path infer.py uses."""
+    from cmb.inference import predictor as pred
+
+    cmb_vox, affine = _lps_scan_with_cmb(tmp_path / "new.nii.gz")
+    _known_stage_outputs(monkeypatch)
     predictor = pred.Predictor(finished_run, threshold=0.0, cache_dir=tmp_path / "cache", progress=False)
     det = predictor.predict_scan(tmp_path / "new.nii.gz")
     written = pred.write_outputs(det, tmp_path / "out")
@@ -264,11 +270,9 @@ def test_infer_on_a_dicom_series_equals_infer_on_the_same_scan_as_nifti(finished
     The stage-1 map and stage-2 scores are known functions, as in the test above."""
     import csv
 
-    from scipy import ndimage
     from test_dicom import SERIES, write_series
 
     from cmb.inference import predictor as pred
-    from cmb.inference import stage1, stage2
 
     cmb_vox, affine = _lps_scan_with_cmb(tmp_path / "scan.nii.gz")
     image = np.rint(np.asanyarray(nib.load(str(tmp_path / "scan.nii.gz")).dataobj)).astype(np.int16)  # DICOM stores integers
@@ -278,12 +282,7 @@ def test_infer_on_a_dicom_series_equals_infer_on_the_same_scan_as_nifti(finished
     write_series(image, tmp_path / "scan_dicom", spacing=tuple(spacing), origin=tuple(lps[:, 3]),
                  direction=tuple((lps[:3, :3] / spacing).ravel()))
 
-    def dark_spot_map(net, image, mask, cfg=None, device="cpu"):
-        local = ndimage.uniform_filter(image, size=(5, 5, 3))
-        return np.where(mask, 1 / (1 + np.exp((local - 0.3) * 40)), 0).astype(np.float32)
-
-    monkeypatch.setattr(stage1, "predict_probability", dark_spot_map)
-    monkeypatch.setattr(stage2, "score_points", lambda nets, image, points, **kw: np.linspace(0.99, 0.5, len(points)).astype(np.float32))
+    _known_stage_outputs(monkeypatch)
     predictor = pred.Predictor(finished_run, threshold=0.0, cache_dir=tmp_path / "cache", progress=False)
     assert pred.list_inputs(tmp_path / "scan_dicom") == [tmp_path / "scan_dicom"]
     tables = {}
@@ -363,6 +362,47 @@ def test_infer_on_heldout_scans_writes_exactly_their_out_of_fold_detections(fini
                         assert float(d[axis]) == pytest.approx(float(e[axis]), abs=1e-3)
                 checked += len(deployed)
     assert checked > 0
+
+
+@pytest.mark.slow
+def test_a_finished_run_scores_another_family_as_infer_py_would(finished_run: Path, tmp_path: Path, tiny_synthetic_module: Path) -> None:
+    """stage=score: the run's final models on every scan of another labelled dataset (the physics phantom),
+    a one-fold run folder evaluated like any other, the run's own threshold reported unchanged, and the
+    scored candidates the ones infer.py writes for the same scan."""
+    import csv
+
+    runs = tmp_path / "runs"
+    args = ["stage=score", f"model_dir={finished_run}", "data.preset=physics_tiny", "inference.stage1.tile=[32,32,32]",
+            f"paths.runs_dir={runs}", "name=on_physics"]
+    out = run_cli(args, tiny_synthetic_module)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "(the scored run's own threshold)" in out.stdout
+    scored = runs / "on_physics"
+    results = json.loads((scored / "results.json").read_text())
+    own = json.loads((finished_run / "results.json").read_text())["chosen_operating_point"]["threshold"]
+    assert results["protocol"]["cv"] == "transfer" and results["dataset"]["name"] == "synthetic:physics_tiny"
+    assert results["transfer_operating_point"]["threshold"] == own and results["nested_operating_point"] is None
+    assert "transfer (honest)" in (scored / "report.md").read_text()
+    ids = json.loads((scored / "splits.json").read_text())["folds"][0]["test"]
+    assert len(ids) == 4 and all((scored / "fold_0" / "oof" / f"{i}.csv").is_file() for i in ids)
+    again = run_cli(["cmb.eval", str(scored)], tiny_synthetic_module, script="-m")  # python -m cmb.eval re-evaluates it alike
+    assert again.returncode == 0 and json.loads((scored / "results.json").read_text())["froc"] == results["froc"]
+    image = next((tiny_synthetic_module / "synthetic").glob("physics_tiny-seed0-*")) / "images" / f"{ids[0]}.nii.gz"
+    infer = run_cli([f"model_dir={finished_run}", f"input={image}", f"output={tmp_path / 'det'}", "threshold=0.0", "progress=false"],
+                    tiny_synthetic_module, script="infer.py")
+    assert infer.returncode == 0, infer.stderr[-2000:]
+    with open(scored / "fold_0" / "oof" / f"{ids[0]}.csv", newline="") as handle:
+        oof = sorted(csv.DictReader(handle), key=lambda r: -float(r["score"]))
+    with open(tmp_path / "det" / f"{ids[0]}_detections.csv", newline="") as handle:
+        deployed = list(csv.DictReader(handle))
+    assert [float(d["score"]) for d in deployed] == [float(e["score"]) for e in oof]
+    other = run_cli([*args[:2], "data.preset=tiny", *args[3:]], tiny_synthetic_module)  # the same name for another dataset
+    assert other.returncode == 2 and "holds another run or another scoring" in other.stderr
+
+
+def test_score_without_a_run_is_refused_at_the_door(tmp_path: Path, tiny_synthetic: Path) -> None:
+    out = run_cli(["stage=score", f"paths.runs_dir={tmp_path}"], tiny_synthetic)
+    assert out.returncode == 2 and "stage=score needs model_dir=RUN_DIR" in out.stderr and not any(tmp_path.iterdir())
 
 
 # ----------------------------------------------------------------------------- stage-1 hard-negative round

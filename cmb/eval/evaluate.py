@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 SWEEP = np.round(np.arange(0.0, 1.0001, 0.01), 2)
 IN_SAMPLE = "in-sample: threshold chosen on the same out-of-fold predictions it is reported on"
 NESTED = "nested: each fold's threshold chosen on the other folds' out-of-fold predictions, applied to its held-out scans"
+TRANSFER = "transfer: the scored run's own threshold (chosen on its out-of-fold predictions), applied unchanged to this dataset"
 
 
 def _pooled(records: list[ScanRecord], stage: str) -> tuple[np.ndarray, np.ndarray]:
@@ -138,6 +139,11 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig | None = None) -> dict[str
     points = stage_sweep(records, "two_stage", SWEEP)
     chosen = {**choose_operating_point(points, target_fp), "selection": IN_SAMPLE}
     nested = nested_operating_point(records, SWEEP, target_fp)
+    transfer = cfg.get("transfer")  # a scored run on another dataset (cmb.eval.transfer): its own threshold, unchanged
+    transfer_point = None
+    if transfer:
+        transfer_point = {**stage_sweep(records, "two_stage", np.array([float(transfer.threshold)]))[0], "selection": TRANSFER,
+                          "scored_run": str(transfer.model_dir), "members": str(transfer.members)}
     cpm2, at2 = cpm(s2_curve)
     cpm1, at1 = cpm(s1_curve)
 
@@ -151,6 +157,8 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig | None = None) -> dict[str
                                                        "stage1": ("stage1", [s1_thr] * n_scans)}
     if nested:
         boot_points["nested_operating_point"] = ("two_stage", nested_thr)
+    if transfer_point:
+        boot_points["transfer_operating_point"] = ("two_stage", [transfer_point["threshold"]] * n_scans)
     boot = bootstrap(records, boot_points, n_resamples=n_resamples, seed=boot_seed, level=level)
 
     per_scan = _per_scan(records, [chosen["threshold"]] * n_scans)
@@ -167,7 +175,8 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig | None = None) -> dict[str
     best_s1 = {**best_curve_point(s1_curve, stage1_budget), "max_fp_per_scan": stage1_budget, "selection": IN_SAMPLE}
     results = {
         "dataset": {"name": _dataset_name(cfg), "n_scans": n_scans, "n_cmbs": n_cmbs},
-        "protocol": {"cv": "lotcv" if splits.get("source") == "lotcv" else "user_splits", "n_folds": len(splits["folds"]),
+        "protocol": {"cv": splits.get("source") if splits.get("source") in ("lotcv", "transfer") else "user_splits",
+                     "n_folds": len(splits["folds"]),
                      "unet_batch_sizes": list(cfg.model.batch_sizes), "cnn_batch_sizes": list(cfg.cnn.batch_sizes),
                      "mining": str(cfg.mining.mode), "seed": splits.get("seed")},
         "candidates": {"definition": CANDIDATE_DEFINITION, "stage1_threshold": s1_thr,
@@ -178,6 +187,7 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig | None = None) -> dict[str
         "operating_points": points,
         "chosen_operating_point": chosen,
         "nested_operating_point": nested,
+        **({"transfer_operating_point": transfer_point} if transfer_point else {}),
         "froc": {"cpm": cpm2, "sensitivity_at_fp": at2, "max_fp_per_scan_reached": s2_curve.max_fp_per_scan,
                  "unreached_rates_note": "beyond max_fp_per_scan_reached the sensitivity is held at its last value (LUNA16/MONAI)"},
         "confidence_intervals": {"method": "percentile bootstrap over scans", "level": level, "n_resamples": n_resamples,
@@ -211,9 +221,14 @@ def summary_lines(results: dict) -> str:
     """The headline figures of `results` as a few console lines (train.py and python -m cmb.eval)."""
     s1, ch, nested = results["stage1"], results["chosen_operating_point"], results.get("nested_operating_point")
     lines = [f"stage 1 @ {s1['threshold']:g}: sensitivity {s1['sensitivity']:.3f} at {s1['fp_per_scan']:.2f} FP/scan (out-of-fold)"]
+    transfer = results.get("transfer_operating_point")
+    if transfer:
+        lines.append(f"two-stage @ {transfer['threshold']:g} (the scored run's own threshold): sensitivity {transfer['sensitivity']:.3f} "
+                     f"at {transfer['fp_per_scan']:.2f} FP/scan")
     if nested:
         lines.append(f"two-stage, nested thresholds: sensitivity {nested['sensitivity']:.3f} at {nested['fp_per_scan']:.2f} FP/scan")
-    lines.append(f"two-stage @ {ch['threshold']:g} (in-sample choice, infer.py's default): sensitivity {ch['sensitivity']:.3f} at "
+    which = "in-sample choice on these scans" if transfer else "in-sample choice, infer.py's default"
+    lines.append(f"two-stage @ {ch['threshold']:g} ({which}): sensitivity {ch['sensitivity']:.3f} at "
                  f"{ch['fp_per_scan']:.2f} FP/scan{'' if ch.get('within_budget', True) else ' (over the FP budget)'}; "
                  f"CPM {results['froc']['cpm']:.3f} (stage 1 {s1['cpm']:.3f})")
     return "\n".join(lines)

@@ -112,13 +112,19 @@ def _operating_rows(results: dict) -> list[tuple[str, str, float | None, float, 
     s1, ch, nested = results["stage1"], results["chosen_operating_point"], results.get("nested_operating_point")
     ci = results.get("confidence_intervals", {})
     rows = []
+    transfer = results.get("transfer_operating_point")
+    if transfer:
+        t_ci = ci.get("transfer_operating_point", {})
+        rows.append(("two-stage at the scored run's own threshold", "transfer (honest)", transfer["threshold"], transfer["sensitivity"],
+                     transfer["fp_per_scan"], t_ci.get("sensitivity"), t_ci.get("fp_per_scan")))
     if nested:
         n_ci = ci.get("nested_operating_point", {})
         rows.append((f"two-stage, {nested['rule']}", "nested (honest)", None, nested["sensitivity"], nested["fp_per_scan"],
                      n_ci.get("sensitivity"), n_ci.get("fp_per_scan")))
     c_ci = ci.get("chosen_operating_point", {})
     budget = "" if ch.get("within_budget", True) else " (NOT within the budget)"
-    rows.append((f"two-stage, {ch['rule']}{budget}; infer.py's default", "in-sample", ch["threshold"], ch["sensitivity"], ch["fp_per_scan"],
+    default = "" if transfer else "; infer.py's default"
+    rows.append((f"two-stage, {ch['rule']}{budget}{default}", "in-sample", ch["threshold"], ch["sensitivity"], ch["fp_per_scan"],
                  c_ci.get("sensitivity"), c_ci.get("fp_per_scan")))
     for fp, why in ((8.0, ""), (PAPER_BUDGET_FP, " (the paper's budget: Rau et al. 97.5% at 14.5)")):
         p = best_threshold(results["operating_points"], fp)
@@ -154,6 +160,11 @@ def _summary_lines(results: dict) -> list[str]:
     if s1["cpm"] > two["cpm"]:
         lines.append(f"**Stage 1 alone beats the two-stage result on this run** (stage-1 CPM {s1['cpm']:.3f} against two-stage "
                      f"{two['cpm']:.3f}): stage 2 drops CMBs that stage 1 finds or adds nothing at these FP rates.")
+    transfer = results.get("transfer_operating_point")
+    if transfer:
+        lines.append(f"Scored run `{transfer['scored_run']}` ({transfer['members']}) on data it never saw, at its own threshold "
+                     f"{transfer['threshold']:g}: **{_pct(transfer['sensitivity'])} at {_fp(transfer['fp_per_scan'])} FP/scan** "
+                     f"({transfer['tp']} of {results['dataset']['n_cmbs']} CMBs); the in-sample point below chose its threshold on these scans.")
     nested = results.get("nested_operating_point")
     if nested:
         lines.append(f"Honest (nested) two-stage point: **{_pct(nested['sensitivity'])} at {_fp(nested['fp_per_scan'])} FP/scan** "
@@ -213,11 +224,12 @@ def _baseline_lines() -> list[str]:
 def report_markdown(results: dict) -> str:
     d, ci = results["dataset"], results.get("confidence_intervals", {})
     level = f"{100 * ci.get('level', 0.95):.0f}%"
+    how = (f"Models of another run scored on {d['n_scans']} scans they never saw" if results["protocol"]["cv"] == "transfer" else
+           f"Out-of-fold results of {results['protocol']['n_folds']}-fold cross-validation on {d['n_scans']} scans")
     lines = [f"# CMB detection report: {d['name']}", "",
-             f"Out-of-fold results of {results['protocol']['n_folds']}-fold cross-validation on {d['n_scans']} scans with "
-             f"{d['n_cmbs']} CMBs (one CMB = {100 / max(d['n_cmbs'], 1):.1f} points of sensitivity). No model saw the scan it is "
-             f"scored on. Candidates: {results['candidates']['definition']} (threshold {results['candidates']['stage1_threshold']:g}), "
-             "the same candidates infer.py deploys.", ""]
+             f"{how} with {d['n_cmbs']} CMBs (one CMB = {100 / max(d['n_cmbs'], 1):.1f} points of sensitivity). No model saw the "
+             f"scan it is scored on. Candidates: {results['candidates']['definition']} (threshold "
+             f"{results['candidates']['stage1_threshold']:g}), the same candidates infer.py deploys.", ""]
     lines += _summary_lines(results)
     lines += ["", "## Operating points", "",
               f"*nested*: each fold's threshold was chosen on the other folds only. *in-sample*: the threshold was chosen on these same "

@@ -27,7 +27,8 @@ from cmb.data.preprocess import PreprocessConfig, brain_mask_method, preprocess_
 from cmb.data.readers import build_scan
 from cmb.errors import ConfigError, DataError
 from cmb.eval.matching import detection_order
-from cmb.inference.candidates import extract_candidates
+from cmb.data.scan import Scan
+from cmb.inference.candidates import Candidate, extract_candidates
 from cmb.inference.stage1 import Stage1InferenceConfig, ensemble_probability
 from cmb.inference.stage2 import score_candidates
 from cmb.models.checkpoint import load_model
@@ -113,27 +114,32 @@ class Predictor:
                  chosen.get("rule", ""))
         return float(chosen["threshold"])
 
-    def predict_scan(self, path: str | Path, scan_id: str | None = None) -> ScanDetections:
-        path = Path(path)
-        scan = build_scan(scan_id or input_id(path), path, has_truth=False)
+    def score_scan(self, scan: Scan) -> tuple[np.ndarray, list[Candidate], list[Candidate], dict[str, float]]:
+        """Both stages on one scan: (combined stage-1 map (I, J, K) on the canonical grid, the stage-1
+        candidates, the same candidates with stage-2 scores, seconds per step). The same candidates and
+        scores as a run's out-of-fold files (cmb.pipeline: stage1_heldout, stage2_heldout)."""
         t0 = time.perf_counter()
         pre = preprocess_scan(scan, self.pre_cfg, self.cache_dir)
         t1 = time.perf_counter()
         image, mask = np.asarray(pre.image), np.asarray(pre.mask)
-        # the same candidates and scores as the run's out-of-fold files (cmb.pipeline: stage1_heldout, stage2_heldout)
         prob = ensemble_probability(self.unets, image, mask, self.stage1_cfg, str(self.run_cfg.inference.ensemble_normalize), self.device)
         cands = extract_candidates(prob, self.stage1_threshold, scan.affine, scan.scan_id)
         t2 = time.perf_counter()
         scored = score_candidates(self.cnns, image, cands, tta=bool(self.run_cfg.inference.stage2_tta), device=self.device)
         t3 = time.perf_counter()
+        return prob, cands, scored, {"preprocess": t1 - t0, "stage1": t2 - t1, "stage2": t3 - t2}
+
+    def predict_scan(self, path: str | Path, scan_id: str | None = None) -> ScanDetections:
+        path = Path(path)
+        scan = build_scan(scan_id or input_id(path), path, has_truth=False)
+        prob, _, scored, seconds = self.score_scan(scan)
         kept = [c for c in scored if c.score >= self.threshold]
         kept = [kept[n] for n in detection_order(np.array([c.score for c in kept]), np.array([c.voxel for c in kept]).reshape(-1, 3))]
         mm = vox_to_mm(np.array([c.voxel for c in kept]).reshape(-1, 3), scan.affine)
         assert scan.source_affine is not None and scan.to_canonical is not None
         src_vox = mm_to_vox(mm, scan.source_affine)
         return ScanDetections(scan.scan_id, src_vox, mm, np.array([c.score for c in kept]), np.array([c.peak for c in kept]),
-                              from_canonical(prob, scan.to_canonical), scan.source_affine,
-                              {"preprocess": t1 - t0, "stage1": t2 - t1, "stage2": t3 - t2},
+                              from_canonical(prob, scan.to_canonical), scan.source_affine, seconds,
                               np.array([c.voxel for c in kept], dtype=float).reshape(-1, 3), np.asarray(scan.image), scan.spacing_mm,
                               scan.slice_uids)
 
@@ -208,7 +214,8 @@ def slicer_markups(det: ScanDetections) -> dict:
 
 
 def list_inputs(path: str | Path) -> list[Path]:
-    """A NIfTI file, every NIfTI file in a folder (sorted), or a DICOM series folder (one scan)."""
+    """A NIfTI file, every NIfTI file in a folder (sorted), a DICOM series folder (one scan), or a
+    folder of DICOM series folders (one scan each, sorted)."""
     path = Path(path)
     if path.is_file():
         return [path]
@@ -216,6 +223,10 @@ def list_inputs(path: str | Path) -> list[Path]:
         files = sorted(p for p in path.iterdir() if p.is_file() and is_nifti_name(p))
         if not files and is_dicom_folder(path):
             return [path]
+        if not files:
+            series = sorted(p for p in path.iterdir() if p.is_dir() and is_dicom_folder(p))
+            if series:
+                return series
         ours = [p for p in files if p.name.endswith(OUTPUT_SUFFIXES)]
         if ours:  # an output folder inside the input folder: never read our own maps back as scans
             log.warning("%s: skipping %d file(s) that cmb wrote itself (e.g. %s)", path, len(ours), ours[0].name)
