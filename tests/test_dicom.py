@@ -92,3 +92,15 @@ def test_a_folder_without_dicom_is_refused(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(DataError, match="no DICOM series"):
         read_dicom_series(tmp_path)
+
+
+def test_infer_inputs_take_a_series_folder_or_a_folder_of_series_folders(tmp_path: Path) -> None:
+    from cmb.inference.predictor import list_inputs
+
+    write_series(_volume(), tmp_path / "patients" / "b_swi", series_uid=SERIES)
+    write_series(_volume(), tmp_path / "patients" / "a_swi", series_uid=SERIES + "1")
+    (tmp_path / "patients" / "notes").mkdir()
+    assert list_inputs(tmp_path / "patients" / "a_swi") == [tmp_path / "patients" / "a_swi"]
+    assert list_inputs(tmp_path / "patients") == [tmp_path / "patients" / "a_swi", tmp_path / "patients" / "b_swi"]
+    with pytest.raises(DataError, match="no .nii or .nii.gz files and no DICOM series"):
+        list_inputs(tmp_path / "patients" / "notes")

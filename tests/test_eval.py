@@ -252,3 +252,17 @@ def test_froc_plot_zooms_the_sensitivity_axis_to_what_it_shows() -> None:
     assert sensitivity_floor([0.84, 0.95]) == pytest.approx(0.75)
     assert sensitivity_floor([0.02]) == 0.0
     assert _short_name("Rau et al. 2026 (Brain Sciences, doi 10.3390/x), final, lower threshold") == "Rau et al. 2026, final, low…"
+
+
+def test_keep_rate_counts_the_cmbs_stage2_keeps_of_those_stage1_found() -> None:
+    from cmb.eval.evaluate import keep_rate
+    from cmb.eval.run_files import ScanRecord, StageDetections
+
+    points = np.zeros((4, 3))
+    status = np.array([0, 1, 2, -1])  # three candidates on CMBs 0, 1, 2, one false positive
+    stage1 = StageDetections(np.array([0.9, 0.5, 0.1, 0.8]), points, status)  # CMB 2 below stage 1's 0.2
+    two = StageDetections(np.array([0.95, 0.3, 0.99, 0.9]), points, status)  # at 0.5 stage 2 drops CMB 1
+    record = ScanRecord("s", 0, 3, [None] * 3, stage1, two)
+    assert keep_rate([record], 0.2, [0.5]) == {"found_by_stage1": 2, "kept": 1, "rate": 0.5}
+    assert keep_rate([record], 0.2, [0.2])["rate"] == 1.0
+    assert keep_rate([record, record], 0.2, [0.5, 0.0])["kept"] == 3

@@ -80,6 +80,17 @@ def nested_operating_point(records: list[ScanRecord], thresholds: np.ndarray, ta
             "rule": f"highest sensitivity at <= {target_fp:g} FP/scan", "selection": NESTED, "per_fold": per_fold}
 
 
+def keep_rate(records: list[ScanRecord], stage1_threshold: float, thresholds: list[float]) -> dict[str, Any]:
+    """Of the CMBs stage 1 finds at `stage1_threshold`, how many the two-stage result still finds at each
+    scan's threshold: the share of stage 1's work that stage 2 keeps."""
+    found, kept = 0, 0
+    for r, t in zip(records, thresholds):
+        by_stage1 = found_cmbs(r.stage1.scores, r.stage1.status, stage1_threshold)
+        found += len(by_stage1)
+        kept += len(by_stage1 & found_cmbs(r.two_stage.scores, r.two_stage.status, t))
+    return {"found_by_stage1": found, "kept": kept, "rate": kept / found if found else None}
+
+
 def _per_scan(records: list[ScanRecord], thresholds: list[float]) -> list[dict]:
     out = []
     for r, t in zip(records, thresholds):
@@ -161,6 +172,11 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig | None = None) -> dict[str
         boot_points["transfer_operating_point"] = ("two_stage", [transfer_point["threshold"]] * n_scans)
     boot = bootstrap(records, boot_points, n_resamples=n_resamples, seed=boot_seed, level=level)
 
+    keep = {"chosen": keep_rate(records, s1_thr, [chosen["threshold"]] * n_scans)}
+    if nested:
+        keep["nested"] = keep_rate(records, s1_thr, nested_thr)
+    if transfer_point:
+        keep["transfer"] = keep_rate(records, s1_thr, [transfer_point["threshold"]] * n_scans)
     per_scan = _per_scan(records, [chosen["threshold"]] * n_scans)
     per_scan_nested = _per_scan(records, nested_thr) if nested else None
     by_size = {"two_stage_chosen": sensitivity_by_size([(r.diameters_mm, found_cmbs(r.two_stage.scores, r.two_stage.status, chosen["threshold"]))
@@ -188,6 +204,7 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig | None = None) -> dict[str
         "chosen_operating_point": chosen,
         "nested_operating_point": nested,
         **({"transfer_operating_point": transfer_point} if transfer_point else {}),
+        "stage2_keep_rate": keep,
         "froc": {"cpm": cpm2, "sensitivity_at_fp": at2, "max_fp_per_scan_reached": s2_curve.max_fp_per_scan,
                  "unreached_rates_note": "beyond max_fp_per_scan_reached the sensitivity is held at its last value (LUNA16/MONAI)"},
         "confidence_intervals": {"method": "percentile bootstrap over scans", "level": level, "n_resamples": n_resamples,

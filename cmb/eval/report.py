@@ -160,6 +160,12 @@ def _summary_lines(results: dict) -> list[str]:
     if s1["cpm"] > two["cpm"]:
         lines.append(f"**Stage 1 alone beats the two-stage result on this run** (stage-1 CPM {s1['cpm']:.3f} against two-stage "
                      f"{two['cpm']:.3f}): stage 2 drops CMBs that stage 1 finds or adds nothing at these FP rates.")
+    keep = results.get("stage2_keep_rate", {})
+    point = "transfer" if "transfer" in keep else "nested" if "nested" in keep else "chosen"
+    if keep.get(point, {}).get("rate") is not None:
+        k = keep[point]
+        lines.append(f"Stage 2 keeps {_pct(k['rate'])} ({k['kept']} of {k['found_by_stage1']}) of the CMBs stage 1 finds at "
+                     f"{s1['threshold']:g}, at the {point} point.")
     transfer = results.get("transfer_operating_point")
     if transfer:
         lines.append(f"Scored run `{transfer['scored_run']}` ({transfer['members']}) on data it never saw, at its own threshold "
