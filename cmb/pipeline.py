@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 STAGES = ("unet", "cnn")
 FINAL = "final"
 RETRY_SEED_STEP = 100  # a capped U-Net's retry n is seeded with its seed + n * this
+SETTINGS_SCHEMA = 2  # the rule of Experiment.member_settings; members stamped under another are refused with that reason
 
 
 def scan_truth(scan: Scan) -> Truth:
@@ -170,26 +171,42 @@ class Experiment:
         return self.cfg.model if stage == "unet" else self.cfg.cnn
 
     def member_settings_hash(self, stage: str, fold: int | str, batch_size: int) -> str:
+        """The hash of what decides the weights a member is trained to (`member_settings`), stamped into its
+        started.json and done.json; a member whose stamp differs is refused, never overwritten."""
+        return hashlib.sha256(json.dumps(self.member_settings(stage, fold, batch_size), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def member_settings(self, stage: str, fold: int | str, batch_size: int) -> dict[str, Any]:
+        """What decides a member's weights, by one rule (settings schema `SETTINGS_SCHEMA`):
+
+        1. the stage's config group (`model` or `cnn`), the data (not where it is cached), the
+           preprocessing, the seed, the batch size and the fold's split; CNNs also the mining
+           settings (their negatives), U-Nets with a hard-negative round the matching radius (it
+           decides which detections are false);
+        2. minus the settings of parts that do not run (the hard-negative round at `refine.steps` 0,
+           the transplant source when no sampling mix draws transplants) and of the health check
+           (it keeps a healthy member as it is; a retrained one says so in done.json);
+        3. minus every setting at its off value (null, false, 0, empty; `without_off`): an option that
+           is off trains the same member as no option at all, so a new option whose default is off
+           leaves every finished member valid.
+        """
         keep = {"stage": OmegaConf.to_container(self.stage_cfg(stage), resolve=True), "data": OmegaConf.to_container(self.cfg.data, resolve=True),
                 "preprocess": OmegaConf.to_container(self.cfg.preprocess, resolve=True), "seed": int(self.cfg.seed),
-                "batch_size": int(batch_size), "split": self.fold_split(fold)}
-        keep["data"].pop("cache_dir", None)  # where the phantom is cached does not change what is trained
+                "batch_size": int(batch_size), "split": self.fold_split(fold), "schema": SETTINGS_SCHEMA}
+        keep["data"].pop("cache_dir", None)
+        keep["stage"].pop("health", None)
         if stage == "cnn":
             keep["mining"] = OmegaConf.to_container(self.cfg.mining, resolve=True)
-        if stage == "unet" and not refine_steps(self.cfg.model):  # runs from before the option stay valid
-            keep["stage"].pop("refine", None)
-        elif stage == "unet":
+        if stage == "unet" and refine_steps(self.cfg.model):
             keep["match_radius_mm"] = float(self.cfg.eval.match_radius_mm)
-            if not keep["stage"]["refine"].get("replay"):  # likewise for runs from before replay
-                keep["stage"]["refine"].pop("replay", None)
-        net = keep["stage"].get("net") or {}
-        keep["stage"].pop("health", None)  # the check keeps a healthy member as it is; a retrained one says so in done.json
-        if "blob_contrast" in net and not net["blob_contrast"]:  # likewise for runs from before the dark-blob channel
-            net.pop("blob_contrast")
-        mixes = [keep["stage"].get("sampling", {}), (keep["stage"].get("refine") or {}).get("sampling", {})]
-        if not any(float(m.get("transplant", 0.0)) > 0 for m in mixes):  # likewise for runs from before transplants
+        else:
+            keep["stage"].pop("refine", None)
+        mixes = [keep["stage"].get("sampling") or {}, (keep["stage"].get("refine") or {}).get("sampling") or {}]
+        if not any(float(m.get("transplant") or 0.0) > 0 for m in mixes):
             keep["stage"].pop("transplant", None)
-        return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return without_off(keep)
+
+    def settings_stamp(self, stage: str, fold: int | str, batch_size: int) -> dict[str, Any]:
+        return {"settings_hash": self.member_settings_hash(stage, fold, batch_size), "settings_schema": SETTINGS_SCHEMA}
 
     def _refuse_other_settings(self) -> None:
         """Before this run writes anything: every member already in the run folder, finished (done.json) or
@@ -206,12 +223,17 @@ class Experiment:
                                   "the member folder (nothing was written)")
 
     def _stamp_matches(self, stamp: Path, stage: str, fold: int | str, batch_size: int) -> bool:
-        """Whether a member's done.json or started.json records the settings hash of the current config."""
+        """Whether a member's done.json or started.json records the settings hash of the current config.
+        A member stamped under another settings schema (an earlier cmb) is refused with that reason."""
         try:
-            saved = json.loads(stamp.read_text()).get("settings_hash")
+            saved = json.loads(stamp.read_text())
+            saved_hash, schema = saved.get("settings_hash"), saved.get("settings_schema", 1)
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             raise ConfigError(f"{stamp}: unreadable; delete the member folder {stamp.parent} to retrain it") from None
-        return saved == self.member_settings_hash(stage, fold, batch_size)
+        if schema != SETTINGS_SCHEMA:
+            raise ConfigError(f"{stamp.parent}: trained by an earlier cmb (settings schema {schema}, now {SETTINGS_SCHEMA}), whose "
+                              "settings cannot be compared; use a new run (name=...) or delete the member folder (nothing was written)")
+        return saved_hash == self.member_settings_hash(stage, fold, batch_size)
 
     def is_done(self, stage: str, fold: int | str, batch_size: int) -> bool:
         done = self.member_dir(stage, fold, batch_size) / "done.json"
@@ -243,7 +265,7 @@ class Experiment:
                 raise MissingPrerequisite(f"{mimics_dir}: no mined mimics for training scan(s) {missing[:4]} of fold {fold}; "
                                           f"run `python train.py stage=mine fold={fold}` first (it needs both U-Nets of the fold)")
         scfg = self.stage_cfg(stage)
-        atomic_write_text(json.dumps({"settings_hash": self.member_settings_hash(stage, fold, batch_size)}), started)
+        atomic_write_text(json.dumps(self.settings_stamp(stage, fold, batch_size)), started)
         t0 = time.perf_counter()
         volumes = self.training_volumes(split["train"], mimics_dir)
         health = scfg.get("health") if stage == "unet" else None
@@ -281,7 +303,7 @@ class Experiment:
         save_model(net, net_kwargs, out / "model.pt", **save)
         seconds = time.perf_counter() - t0
         self.add_time("train", seconds, "n_members_trained")
-        done = {"settings_hash": self.member_settings_hash(stage, fold, batch_size), **done, "train_seconds": round(seconds, 2)}
+        done = {**self.settings_stamp(stage, fold, batch_size), **done, "train_seconds": round(seconds, 2)}
         atomic_write_text(json.dumps(done, indent=1), out / "done.json")
         return out
 
@@ -575,6 +597,20 @@ class Experiment:
         from cmb.eval.evaluate import evaluate_run
 
         return evaluate_run(self.run_dir, self.cfg)
+
+
+def without_off(value: Any) -> Any:
+    """`value` with every mapping entry at its off value (None, False, 0, "", empty list or mapping) left out,
+    recursively (member_settings, rule 3). Lists keep their items as they are."""
+    if isinstance(value, dict):
+        kept = {k: without_off(v) for k, v in value.items()}
+        return {k: v for k, v in kept.items() if not _is_off(v)}
+    return value
+
+
+def _is_off(value: Any) -> bool:
+    return value is None or value is False or (isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0) \
+        or (isinstance(value, (str, list, dict)) and len(value) == 0)
 
 
 def write_truth_file(path: Path, scan: Scan, fold: int) -> None:

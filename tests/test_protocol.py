@@ -488,12 +488,12 @@ def test_members_from_other_settings_are_refused_before_anything_is_written(tmp_
     exp.prepare()
     member = exp.member_dir("unet", 0, 20)
     member.mkdir(parents=True)
-    (member / "started.json").write_text(json.dumps({"settings_hash": exp.member_settings_hash("unet", 0, 20)}))
+    (member / "started.json").write_text(json.dumps(exp.settings_stamp("unet", 0, 20)))
     config = (exp.run_dir / "config.yaml").read_bytes()
     with pytest.raises(ConfigError, match="trained with other settings"):
         Experiment(_compose([*args, "model.optimizer.lr=0.01"]))  # an unfinished member, other learning rate
     assert (exp.run_dir / "config.yaml").read_bytes() == config
-    (member / "started.json").write_text(json.dumps({"settings_hash": "0" * 16}))
+    (member / "started.json").write_text(json.dumps({**exp.settings_stamp("unet", 0, 20), "settings_hash": "0" * 16}))
     with pytest.raises(ConfigError, match="unfinished member was started with other settings"):
         exp.train_member("unet", 0, 20)
 
@@ -546,6 +546,24 @@ def test_options_off_keep_the_settings_hash_of_runs_from_before_them(tmp_path: P
     assert exp.member_settings_hash("unet", 0, 20) == refined
     cfg.model.refine.replay = {"below": 0.5, "share": 0.5}
     assert exp.member_settings_hash("unet", 0, 20) != refined
+    cfg.model.refine.replay = None
+    with open_dict(cfg):  # the general rule: any option added later with an off default keeps finished members valid
+        cfg.model.a_later_option = {"enabled": False, "weight": 0.0, "sites": []}
+    assert exp.member_settings_hash("unet", 0, 20) == refined
+    cfg.model.a_later_option.weight = 0.5
+    assert exp.member_settings_hash("unet", 0, 20) != refined
+
+
+def test_a_member_stamped_under_an_earlier_settings_schema_is_refused_with_that_reason(tmp_path: Path, tiny_synthetic: Path) -> None:
+    from cmb.errors import ConfigError
+    from cmb.pipeline import Experiment
+
+    cfg = _compose([*SMOKE, f"paths.cache_dir={tiny_synthetic}", f"paths.runs_dir={tmp_path}", "name=schema"])
+    member = tmp_path / "schema" / "fold_0" / "unet_bs20"
+    member.mkdir(parents=True)
+    (member / "done.json").write_text(json.dumps({"settings_hash": "94369f13c9b1d7bc"}))  # before settings_schema was recorded
+    with pytest.raises(ConfigError, match=r"trained by an earlier cmb \(settings schema 1, now 2\)"):
+        Experiment(cfg)
 
 
 def test_a_capped_member_is_set_aside_and_trained_again_with_another_seed(tmp_path: Path, tiny_synthetic: Path) -> None:
