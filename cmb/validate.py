@@ -82,6 +82,13 @@ def check_train(cfg: DictConfig) -> None:
         sizes = _get(cfg, f"{stage_key}.batch_sizes")
         if not sizes or any(not _is_int(b) or b < 2 for b in sizes):
             raise ConfigError(f"{stage_key}.batch_sizes={list(sizes) if sizes else sizes!r} is not allowed: a list of whole numbers >= 2")
+    stage = _get(cfg, "stage")
+    if stage in ("unet", "cnn"):  # one member: it must be one the ensemble uses
+        group = "model" if stage == "unet" else "cnn"
+        sizes = list(_get(cfg, f"{group}.batch_sizes"))
+        if _get(cfg, "batch_size") not in sizes:
+            raise ConfigError(f"batch_size={_get(cfg, 'batch_size')!r} is not a member of the {stage} ensemble ({group}.batch_sizes={sizes}); "
+                              f"train one of those, or change {group}.batch_sizes for the whole run")
     probability(cfg, "inference.stage1_threshold", open_low=True)
     probability(cfg, "mining.threshold", open_low=True)
     one_of(cfg, "inference.stage1.mode", STAGE1_MODES)

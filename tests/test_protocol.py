@@ -156,6 +156,7 @@ def test_train_rejects_bad_fold_and_unknown_dataset(tmp_path: Path, tiny_synthet
 @pytest.mark.parametrize("override, message", [
     ("batch_size=0", "batch_size=0 is not allowed: a whole number >= 2"),
     ("batch_size=1", "batch_size=1 is not allowed: a whole number >= 2 (batch norm"),
+    ("batch_size=25", "batch_size=25 is not a member of the unet ensemble (model.batch_sizes=[20, 30])"),
     ("seed=abc", "seed='abc' is not allowed"),
     ("inference.stage1_threshold=2", "inference.stage1_threshold=2 is not allowed: a number in (0, 1]"),
     ("inference.stage1.mode=bogus", "inference.stage1.mode='bogus' is not allowed: one of fast, faithful"),
