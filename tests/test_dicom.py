@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from cmb.data.dicom import is_dicom_folder, read_dicom_series
+from cmb.data.dicom import is_dicom_folder, keep_locale, read_dicom_series
 from cmb.errors import DataError
 
 SERIES = "1.2.826.0.1.3680043.2.1125.7"
@@ -22,6 +22,11 @@ def write_series(volume: np.ndarray, folder: Path, spacing=(0.5, 0.6, 1.2), orig
 
     skip: slices left out; shift_mm: slice k's position moved along the slice axis; tilt: slices given
     another orientation (as if from another series)."""
+    with keep_locale():  # SimpleITK's DICOM writer sets the C locale of the whole process
+        _write_series(volume, folder, spacing, origin, direction, series_uid, skip, shift_mm, tilt)
+
+
+def _write_series(volume, folder, spacing, origin, direction, series_uid, skip, shift_mm, tilt) -> None:  # noqa: ANN001
     folder.mkdir(parents=True, exist_ok=True)
     image = sitk.GetImageFromArray(np.transpose(volume, (2, 1, 0)).astype(np.int16))
     image.SetSpacing(spacing)
@@ -104,3 +109,17 @@ def test_infer_inputs_take_a_series_folder_or_a_folder_of_series_folders(tmp_pat
     assert list_inputs(tmp_path / "patients") == [tmp_path / "patients" / "a_swi", tmp_path / "patients" / "b_swi"]
     with pytest.raises(DataError, match="no .nii or .nii.gz files and no DICOM series"):
         list_inputs(tmp_path / "patients" / "notes")
+
+
+def test_reading_dicom_leaves_the_process_locale_and_utf8_text_files_alone(tmp_path: Path) -> None:
+    """GDCM sets the C locale; before the fix, report.md's "…" failed to write after a DICOM input."""
+    import locale
+
+    write_series(_volume(), tmp_path / "s")
+    before = locale.getpreferredencoding(False)
+    assert is_dicom_folder(tmp_path / "s")
+    read_dicom_series(tmp_path / "s")
+    assert locale.getpreferredencoding(False) == before
+    from cmb.data.io import atomic_write_text
+
+    assert atomic_write_text("1/8 … 8 FP/scan", tmp_path / "r.md").read_text(encoding="utf-8") == "1/8 … 8 FP/scan"

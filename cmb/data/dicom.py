@@ -9,9 +9,14 @@ their position) with a voxel -> RAS mm affine built from the series' patient coo
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import locale
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import SimpleITK as sitk
@@ -23,6 +28,27 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 TAG_POSITION, TAG_ORIENTATION, TAG_SOP_UID = "0020|0032", "0020|0037", "0008|0018"
 TAG_ROWS, TAG_COLUMNS, TAG_PIXEL_SPACING = "0028|0010", "0028|0011", "0028|0030"
 SPACING_TOLERANCE = 0.01  # slice gaps may differ from their median by 1% (rounding in the positions' decimal strings)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@contextlib.contextmanager
+def keep_locale() -> Iterator[None]:
+    """Put the process's locale back after SimpleITK's DICOM (GDCM) calls: GDCM sets the C locale, whose
+    ASCII codeset Python's text files then use, so a report with a non-ASCII character failed to write."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _keeping_locale(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with keep_locale():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass
@@ -37,12 +63,14 @@ class DicomVolume:
     slice_uids: list[str]
 
 
+@_keeping_locale
 def series_in(folder: Path) -> dict[str, list[str]]:
     """Series instance UID -> its files (GDCM's order) for every DICOM series directly in `folder`."""
     reader = sitk.ImageSeriesReader()
     return {uid: list(reader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in reader.GetGDCMSeriesIDs(str(folder))}
 
 
+@_keeping_locale
 def is_dicom_folder(folder: Path) -> bool:
     """Whether `folder` holds at least one DICOM series (files directly in it)."""
     return folder.is_dir() and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
@@ -111,6 +139,7 @@ def _checked_order(headers: list[dict], folder: Path) -> list[dict]:
     return headers
 
 
+@_keeping_locale
 def read_dicom_series(folder: str | Path) -> DicomVolume:
     """Read the (largest) DICOM series in `folder`; a `DataError` naming the folder for anything that
     is not one regular volume."""
