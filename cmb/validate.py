@@ -104,11 +104,9 @@ def brain_mask(cfg: DictConfig) -> None:
     method = _get(cfg, "preprocess.mask")
     if method not in ("deepbet", "hdbet"):
         return
-    from cmb.data.preprocess import deepbet_available, hdbet_available
+    from cmb.data.preprocess import brain_mask_method
 
-    usable, why = deepbet_available() if method == "deepbet" else hdbet_available(_get(cfg, "preprocess.hdbet_weights"))
-    if not usable:
-        raise ConfigError(f"preprocess.mask={method}: {why}")
+    brain_mask_method(method, False, _get(cfg, "preprocess.hdbet_weights"))  # a ConfigError saying what is missing
 
 
 def check_infer(cfg: DictConfig) -> None:

@@ -26,7 +26,6 @@ from cmb.errors import DataError
 log = logging.getLogger(__name__)
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 TAG_POSITION, TAG_ORIENTATION, TAG_SOP_UID = "0020|0032", "0020|0037", "0008|0018"
-TAG_ROWS, TAG_COLUMNS, TAG_PIXEL_SPACING = "0028|0010", "0028|0011", "0028|0030"
 SPACING_TOLERANCE = 0.01  # slice gaps may differ from their median by 1% (rounding in the positions' decimal strings)
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from cmb.data.phantom import PhantomScan, _curve, _Geometry, _tube_distance, _unit, cmb_counts, smooth_field
 
@@ -110,6 +109,13 @@ def dipole_field(chi_ppm: np.ndarray, spacing_mm: tuple[float, float, float], b0
         kernel = torch.where(k2 > 0, kernel, torch.zeros_like(kernel))
         spectrum[k_slab:k_slab + 64] *= kernel
     return torch.fft.irfftn(spectrum, s=chi_ppm.shape).numpy()
+
+
+def inside_ellipsoid(grid: tuple[np.ndarray, np.ndarray, np.ndarray], centre, axes) -> np.ndarray:  # noqa: ANN001 (3 numbers each)
+    """Bool mask of the points of an open mesh `grid` (broadcastable i, j, k coordinates) inside the
+    axis-aligned ellipsoid of `centre` and semi-axes `axes` (the grid's units)."""
+    gi, gj, gk = grid
+    return ((gi - centre[0]) / axes[0]) ** 2 + ((gj - centre[1]) / axes[1]) ** 2 + ((gk - centre[2]) / axes[2]) ** 2 <= 1
 
 
 def block_mean(fine: np.ndarray, factor: int) -> np.ndarray:
@@ -197,14 +203,14 @@ class PhysicsPhantomGenerator:
             put(wm, "white", None)
             white[:, :, ks] = wm
             for side in (-1, 1):  # ventricles
-                vent = ((ii - 0.1 * side) / 0.07) ** 2 + ((jj - 0.05) / 0.28) ** 2 + ((kk - 0.05) / 0.16) ** 2 <= 1
+                vent = inside_ellipsoid((ii, jj, kk), (0.1 * side, 0.05, 0.05), (0.07, 0.28, 0.16))
                 put(vent, "csf", None)
                 white[:, :, ks] &= ~vent
             for ci, cj, ck, ai, aj, ak, dchi in nuclei:  # iron-rich deep grey nuclei: paramagnetic, short T2*
-                nuc = ((ii - ci) / ai) ** 2 + ((jj - cj) / aj) ** 2 + ((kk - ck) / ak) ** 2 <= 1
+                nuc = inside_ellipsoid((ii, jj, kk), (ci, cj, ck), (ai, aj, ak))
                 m0[:, :, ks][nuc], r2s[:, :, ks][nuc], chi[:, :, ks][nuc] = 0.8, 21.0 + 160.0 * dchi, dchi
                 white[:, :, ks] &= ~nuc
-            air = ((ii - sinus[0]) / sinus[3]) ** 2 + ((jj - sinus[1]) / sinus[4]) ** 2 + ((kk - sinus[2]) / sinus[5]) ** 2 <= 1
+            air = inside_ellipsoid((ii, jj, kk), sinus[:3], sinus[3:])
             air &= ~brain
             m0[:, :, ks][air], r2s[:, :, ks][air], chi[:, :, ks][air] = 0.0, 0.0, AIR_CHI_PPM
             tissue[:, :, ks][air] = 0
@@ -283,8 +289,7 @@ class PhysicsPhantomGenerator:
             self._ovoid(fine, c, axes, m0, r2s, chi, 0.4, 300.0, dchi)
             label = len(placed) + 1
             box = native.box(c - axes.max() - native.spacing, c + axes.max() + native.spacing)
-            gx, gy, gz = native.grid_mm(box)
-            core = ((gx - c[0]) / axes[0]) ** 2 + ((gy - c[1]) / axes[1]) ** 2 + ((gz - c[2]) / axes[2]) ** 2 <= 1
+            core = inside_ellipsoid(native.grid_mm(box), c, axes)
             if not core.any():  # a core smaller than the voxel grid's spacing: its nearest voxel
                 core[tuple(np.clip(np.round(native.to_vox(c)).astype(int) - [s.start for s in box], 0, np.array(core.shape) - 1))] = True
             instances[box][core & (instances[box] == 0)] = label
@@ -328,6 +333,5 @@ class PhysicsPhantomGenerator:
         box = geom.box(c - axes.max() - geom.spacing, c + axes.max() + geom.spacing)
         if box is None:
             return
-        gx, gy, gz = geom.grid_mm(box)
-        inside = ((gx - c[0]) / axes[0]) ** 2 + ((gy - c[1]) / axes[1]) ** 2 + ((gz - c[2]) / axes[2]) ** 2 <= 1
+        inside = inside_ellipsoid(geom.grid_mm(box), c, axes)
         m0[box][inside], r2s[box][inside], chi[box][inside] = m0_value, r2_value, chi_value

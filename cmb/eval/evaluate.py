@@ -164,20 +164,22 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig | None = None) -> dict[str
     level = float(boot_cfg.get("level", 0.95))
     fold_thr = {f["fold"]: f["threshold"] for f in nested["per_fold"]} if nested else {}
     nested_thr = [fold_thr[r.fold] for r in records] if nested else []
-    boot_points: dict[str, tuple[str, list[float]]] = {"chosen_operating_point": ("two_stage", [chosen["threshold"]] * n_scans),
+    chosen_thr = [chosen["threshold"]] * n_scans
+    transfer_thr = [transfer_point["threshold"]] * n_scans if transfer_point else []
+    boot_points: dict[str, tuple[str, list[float]]] = {"chosen_operating_point": ("two_stage", chosen_thr),
                                                        "stage1": ("stage1", [s1_thr] * n_scans)}
     if nested:
         boot_points["nested_operating_point"] = ("two_stage", nested_thr)
     if transfer_point:
-        boot_points["transfer_operating_point"] = ("two_stage", [transfer_point["threshold"]] * n_scans)
+        boot_points["transfer_operating_point"] = ("two_stage", transfer_thr)
     boot = bootstrap(records, boot_points, n_resamples=n_resamples, seed=boot_seed, level=level)
 
-    keep = {"chosen": keep_rate(records, s1_thr, [chosen["threshold"]] * n_scans)}
+    keep = {"chosen": keep_rate(records, s1_thr, chosen_thr)}
     if nested:
         keep["nested"] = keep_rate(records, s1_thr, nested_thr)
     if transfer_point:
-        keep["transfer"] = keep_rate(records, s1_thr, [transfer_point["threshold"]] * n_scans)
-    per_scan = _per_scan(records, [chosen["threshold"]] * n_scans)
+        keep["transfer"] = keep_rate(records, s1_thr, transfer_thr)
+    per_scan = _per_scan(records, chosen_thr)
     per_scan_nested = _per_scan(records, nested_thr) if nested else None
     by_size = {"two_stage_chosen": sensitivity_by_size([(r.diameters_mm, found_cmbs(r.two_stage.scores, r.two_stage.status, chosen["threshold"]))
                                                         for r in records]),

@@ -25,9 +25,9 @@ from cmb.data.dicom import is_dicom_folder
 from cmb.data.io import from_canonical, input_id, is_nifti_name, mm_to_vox, vox_to_mm
 from cmb.data.preprocess import PreprocessConfig, brain_mask_method, preprocess_scan
 from cmb.data.readers import build_scan
+from cmb.data.scan import Scan
 from cmb.errors import ConfigError, DataError
 from cmb.eval.matching import detection_order
-from cmb.data.scan import Scan
 from cmb.inference.candidates import Candidate, extract_candidates
 from cmb.inference.stage1 import Stage1InferenceConfig, ensemble_probability
 from cmb.inference.stage2 import score_candidates
@@ -221,9 +221,9 @@ def list_inputs(path: str | Path) -> list[Path]:
         return [path]
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and is_nifti_name(p))
-        if not files and is_dicom_folder(path):
-            return [path]
-        if not files:
+        if not files:  # a DICOM series folder, or a folder of them
+            if is_dicom_folder(path):
+                return [path]
             series = sorted(p for p in path.iterdir() if p.is_dir() and is_dicom_folder(p))
             if series:
                 return series
