@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from cmb.conf_utils import hydra_entry
-from cmb.errors import CMBError, ConfigError, describe_scan_failure, exit_on_user_error
+from cmb.errors import CMBError, ConfigError, describe_scan_failure, exit_on_failures, exit_on_user_error
 from cmb.validate import check_command_line, check_infer
 
 log = logging.getLogger("cmb")
@@ -38,7 +38,7 @@ def main(cfg: DictConfig) -> None:
         clashes = [p for f in files for p in output_paths(out_dir, input_id(f)) if p.exists()]
         if clashes:
             raise CMBError(f"{clashes[0]}: output exists already; pass overwrite=true or choose another output folder")
-    predictor = Predictor(cfg.model_dir, cfg.fold, cfg.threshold, cfg.stage1_mode, cfg.paths.cache_dir, progress=bool(cfg.progress))
+    predictor = Predictor(cfg.model_dir, cfg.fold, cfg.threshold, cfg.unet_mode, cfg.paths.cache_dir, progress=bool(cfg.progress))
     failed = []
     for path in tqdm(files, desc="scans", unit="scan", disable=not cfg.progress):
         try:
@@ -50,9 +50,7 @@ def main(cfg: DictConfig) -> None:
             print(f"error: {describe_scan_failure(err, path)} (skipped)", file=sys.stderr, flush=True)
     if len(failed) < len(files):
         print(f"index of the output folder: {write_output_index(out_dir)}", flush=True)
-    if failed:
-        print(f"error: {len(failed)} of {len(files)} scans failed: {', '.join(p.name for p in failed)}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_failures([p.name for p in failed], len(files), "scans failed")
 
 
 if __name__ == "__main__":

@@ -27,42 +27,44 @@ log = logging.getLogger("cmb")
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @hydra_entry
 def main(cfg: DictConfig) -> float | None:
-    from cmb.pipeline import FINAL, Experiment
+    from cmb.layout import FINAL
     from cmb.progress import quiet_console
+    from cmb.protocol.run import Protocol
     from cmb.validate import check_train
 
     quiet_console(bool(cfg.get("verbose", False)))
     check_train(cfg)  # values first: a refused command reads and writes nothing
     if str(cfg.stage) == "score":  # a finished run scored on another labelled dataset
         from cmb.eval.evaluate import summary_lines
-        from cmb.eval.transfer import score_run
+        from cmb.layout import RunLayout
+        from cmb.protocol.transfer import score_run
 
         results = score_run(cfg)
         print(summary_lines(results))
-        print(f"report: {Path(str(cfg.paths.run_dir)) / 'report.md'}")
+        print(f"report: {RunLayout(Path(str(cfg.paths.run_dir))).report}")
         return float(results["froc"]["cpm"])
-    exp = Experiment(cfg)
+    protocol = Protocol(cfg)
     stage = str(cfg.stage)
     fold = FINAL if str(cfg.fold) == FINAL else cfg.fold
     if stage != "all":
         if not isinstance(fold, int) and fold != FINAL:
             raise ConfigError(f"fold must be an integer or 'final', got {fold!r}")
-        exp.fold_split(fold)  # range check with a clear message
+        protocol.fold_split(fold)  # range check with a clear message
     if stage in ("unet", "cnn"):
-        out = exp.train_member(stage, fold, int(cfg.batch_size))
+        out = protocol.train_member(stage, fold, int(cfg.batch_size))
         print(f"member written to {out}")
     elif stage == "mine":
-        print(f"mimics written to {exp.mine(fold)}")
+        print(f"mimics written to {protocol.mine(fold)}")
     elif stage == "fold":
-        exp.run_fold(fold)
-        print(f"fold {fold} finished in {exp.fold_dir(fold)}")
+        protocol.run_fold(fold)
+        print(f"fold {fold} finished in {protocol.layout.fold_dir(fold)}")
     elif stage == "all":
         from cmb.eval.evaluate import summary_lines
 
-        results = exp.run_all()
+        results = protocol.run_all()
         print(summary_lines(results))
-        print(f"report: {exp.run_dir / 'report.md'}")
-        print(f"FROC plot: {exp.run_dir / 'froc.png'}")
+        print(f"report: {protocol.layout.report}")
+        print(f"FROC plot: {protocol.layout.froc_plot}")
         return float(results["froc"]["cpm"])
     else:
         raise ConfigError(f"stage must be one of unet, cnn, mine, fold, all, score; got {stage!r}")

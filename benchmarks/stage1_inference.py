@@ -29,7 +29,8 @@ from cmb.conf_utils import dataset_from_run_config
 from cmb.data.preprocess import PreprocessConfig, preprocess_scan
 from cmb.eval.matching import Truth, hit_sets
 from cmb.inference.candidates import extract_candidates
-from cmb.inference.stage1 import Stage1InferenceConfig, inference_net, inference_settings, predict_probability
+from cmb.inference.unet_map import UNetMapConfig, inference_net, inference_settings, predict_probability
+from cmb.layout import RunLayout
 from cmb.models.checkpoint import load_model
 
 
@@ -47,12 +48,12 @@ def main() -> None:
     cfg = OmegaConf.load(args.run / "config.yaml")
     splits = json.loads((args.run / "splits.json").read_text())
     heldout = splits["folds"][int(args.fold)]["test"]
-    net, _ = load_model(args.run / f"fold_{args.fold}" / "unet_bs20" / "model.pt")
+    net, _ = load_model(RunLayout(args.run).member("unet", args.fold, 20).model)
     dataset = dataset_from_run_config(cfg.data, args.run / "config.yaml")  # allow-listed readers only
     pre_cfg = PreprocessConfig.from_settings(cfg.preprocess, args.run / "config.yaml")
-    fast_cfg = Stage1InferenceConfig.from_cfg(cfg.inference.stage1)
+    fast_cfg = UNetMapConfig.from_cfg(cfg.inference.unet)
     fast_cfg.mode, fast_cfg.progress = "fast", False
-    slow_cfg = Stage1InferenceConfig(mode="faithful", bf16=fast_cfg.bf16, progress=True)
+    slow_cfg = UNetMapConfig(mode="faithful", bf16=fast_cfg.bf16, progress=True)
     # each mode's prediction copy (batch norm folded, bf16 where supported), made once as for a whole scan
     cpu = torch.device("cpu")
     fast_net, slow_net = (inference_net(net, *inference_settings(c, cpu)) for c in (fast_cfg, slow_cfg))

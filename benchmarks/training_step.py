@@ -5,7 +5,7 @@
 
 One optimizer step (forward, loss, backward, AdamW) on 20x20x16 windows at batch sizes 20 and
 30, for the stage-1 U-Net (DiceCE) and the stage-2 CNN (cross-entropy), each case timed in this
-one run: contiguous fp32 (the baseline), channels-last 3D fp32 (`trainer.channels_last`, the
+one run: contiguous fp32 (the baseline), channels-last 3D fp32 (`runtime.channels_last`, the
 default) and channels-last with bf16 autocast (`trainer.precision=bf16-mixed`). The target:
 channels-last at least 1.3x the baseline for the U-Net on a CPU.
 """

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -15,24 +14,15 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cmb.errors import CMBError
+from cmb.errors import CMBError, exit_on_user_error
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
 log = logging.getLogger("cmb")
 
 
 def hydra_entry(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
-    """Wrap a Hydra task: user errors become one line on stderr and exit status 2."""
-
-    @functools.wraps(fn)
-    def wrapper(cfg: DictConfig) -> Any:
-        try:
-            return fn(cfg)
-        except CMBError as err:
-            print(f"error: {err}", file=sys.stderr, flush=True)
-            sys.exit(2)
-
-    return wrapper
+    """Wrap a Hydra task: user errors become one line on stderr and exit status 2 (`exit_on_user_error`)."""
+    return exit_on_user_error(fn)
 
 
 def git_commit() -> str | None:

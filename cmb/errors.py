@@ -60,7 +60,15 @@ def exit_on_user_error(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except CMBError as err:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {err}", file=sys.stderr, flush=True)
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]
+
+
+def exit_on_failures(failed: list[str], total: int, what: str) -> None:
+    """After a batch that went on past its bad items: one line on stderr naming them (`what`, e.g. "scans
+    failed") and exit status 2; nothing when none failed."""
+    if failed:
+        print(f"error: {len(failed)} of {total} {what}: {', '.join(failed)}", file=sys.stderr, flush=True)
+        sys.exit(2)

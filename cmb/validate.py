@@ -15,7 +15,8 @@ from omegaconf import DictConfig
 from cmb.errors import ConfigError
 
 STAGES = ("unet", "cnn", "mine", "fold", "all", "score")
-STAGE1_MODES = ("fast", "faithful")
+UNET_MODES = ("fast", "faithful")
+MINING_MODES = ("leak_free", "paper")  # mining.mode (cmb.protocol.mining)
 MASK_METHODS = ("auto", "user", "deepbet", "hdbet", "threshold")  # preprocess.mask (cmb.data.preprocess.brain_mask_method)
 
 
@@ -76,7 +77,7 @@ def check_train(cfg: DictConfig) -> None:
         raise ConfigError("stage=score needs model_dir=RUN_DIR: the finished run whose models score data=...")
     integer(cfg, "batch_size", 2, " (batch norm needs at least 2 windows per batch)")
     integer(cfg, "seed", 0)
-    for stage_key in ("model", "cnn"):
+    for stage_key in ("unet", "cnn"):
         integer(cfg, f"{stage_key}.max_steps", 1)
         integer(cfg, f"{stage_key}.steps_per_epoch", 1)
         sizes = _get(cfg, f"{stage_key}.batch_sizes")
@@ -84,17 +85,22 @@ def check_train(cfg: DictConfig) -> None:
             raise ConfigError(f"{stage_key}.batch_sizes={list(sizes) if sizes else sizes!r} is not allowed: a list of whole numbers >= 2")
     stage = _get(cfg, "stage")
     if stage in ("unet", "cnn"):  # one member: it must be one the ensemble uses
-        group = "model" if stage == "unet" else "cnn"
-        sizes = list(_get(cfg, f"{group}.batch_sizes"))
+        sizes = list(_get(cfg, f"{stage}.batch_sizes"))
         if _get(cfg, "batch_size") not in sizes:
-            raise ConfigError(f"batch_size={_get(cfg, 'batch_size')!r} is not a member of the {stage} ensemble ({group}.batch_sizes={sizes}); "
-                              f"train one of those, or change {group}.batch_sizes for the whole run")
-    probability(cfg, "inference.stage1_threshold", open_low=True)
+            raise ConfigError(f"batch_size={_get(cfg, 'batch_size')!r} is not a member of the {stage} ensemble ({stage}.batch_sizes={sizes}); "
+                              f"train one of those, or change {stage}.batch_sizes for the whole run")
+    probability(cfg, "inference.unet_threshold", open_low=True)
     probability(cfg, "mining.threshold", open_low=True)
-    one_of(cfg, "inference.stage1.mode", STAGE1_MODES)
-    one_of(cfg, "mining.mode", ("leak_free", "paper"))
+    one_of(cfg, "inference.unet.mode", UNET_MODES)
+    one_of(cfg, "mining.mode", MINING_MODES)
     positive_number(cfg, "eval.target_fp_per_scan")
     positive_number(cfg, "eval.match_radius_mm")
+    positive_number(cfg, "eval.thresholds.step")
+    probability(cfg, "eval.thresholds.start")
+    probability(cfg, "eval.thresholds.stop")
+    if _get(cfg, "eval.thresholds.start") >= _get(cfg, "eval.thresholds.stop"):
+        raise ConfigError(f"eval.thresholds: start ({_get(cfg, 'eval.thresholds.start')}) must be below stop "
+                          f"({_get(cfg, 'eval.thresholds.stop')})")
     brain_mask(cfg)
 
 
@@ -112,7 +118,7 @@ def brain_mask(cfg: DictConfig) -> None:
 def check_infer(cfg: DictConfig) -> None:
     """The settings of `infer.py` (conf/infer.yaml)."""
     probability(cfg, "threshold", allow_none=True)
-    one_of(cfg, "stage1_mode", STAGE1_MODES, allow_none=True)
+    one_of(cfg, "unet_mode", UNET_MODES, allow_none=True)
     fold_value(cfg, allow_none=True)
     for key in ("overwrite", "progress"):
         if not isinstance(_get(cfg, key), bool):

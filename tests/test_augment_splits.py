@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cmb import WINDOW
-from cmb.data.augment import AugmentParams, augment_region, crop_centred, region_size, sample_params
+from cmb.data.augment import augment_window, crop_centred, region_size, window_augmentation
 from cmb.data.patches import PatchDataset, TrainingVolume, build_training_volume
 from cmb.data.preprocess import Preprocessed
 from cmb.data.scan import Scan
@@ -23,17 +23,36 @@ def _volume_with_dot(centre=(30, 30, 20), shape=(60, 60, 40)) -> TrainingVolume:
     return TrainingVolume("v", image, target, np.array([centre]), np.argwhere(image > 0)[:1000], np.zeros((0, 3), int))
 
 
-@pytest.mark.parametrize("flips", [(False, False, False), (True, False, False), (False, True, True), (True, True, True)])
-@pytest.mark.parametrize("rot", [0, 1, 2, 3])
-@pytest.mark.parametrize("shift", [(0, 0, 0), (1, -1, 1), (-1, -1, -1)])
-def test_augmentation_keeps_cmb_at_centre_plus_minus_one(flips, rot, shift) -> None:
+def test_augmentation_keeps_cmb_at_centre_plus_minus_one_and_reaches_every_shift() -> None:
     vol = _volume_with_dot()
-    region = crop_centred(vol.target, vol.cmb_centres[0], region_size(1))[None]
-    window = augment_region(region, AugmentParams(flips, rot, shift), max_shift=1)
-    assert window.shape == (1, *WINDOW)
-    where = np.argwhere(window[0] > 0)
-    assert len(where) == 1
-    np.testing.assert_array_equal(where[0], np.array(WINDOW) // 2 + np.array(shift))
+    augmentation = window_augmentation(1)
+    region = crop_centred(vol.target, vol.cmb_centres[0], region_size(1))[None].astype(np.float32)
+    shifts = set()
+    for seed in range(400):
+        window = augment_window(augmentation, {"image": 1 - region, "target": region}, seed)
+        assert window["target"].shape == window["image"].shape == (1, *WINDOW)
+        where = np.argwhere(window["target"][0] > 0)
+        assert len(where) == 1 and window["image"][0][tuple(where[0])] == 0.0  # image and target moved together
+        shift = where[0] - np.array(WINDOW) // 2
+        assert np.all(np.abs(shift) <= 1)
+        shifts.add(tuple(shift))
+    assert len(shifts) == 27  # every shift in [-1, 1]^3
+    again = augment_window(augmentation, {"image": 1 - region, "target": region}, 7)
+    assert np.array_equal(again["target"], augment_window(augmentation, {"image": 1 - region, "target": region}, 7)["target"])
+
+
+def test_augmentation_flips_each_axis_and_turns_both_ways() -> None:
+    region = np.zeros((1, *region_size(0)), np.float32)
+    centre = np.array(region_size(0)) // 2
+    region[(0, *(centre + (3, 1, 2)))] = 1.0  # a marker off the centre on every axis
+    seen = set()
+    augmentation = window_augmentation(0)
+    for seed in range(300):
+        out = augment_window(augmentation, {"image": region, "target": region}, seed)["target"][0]
+        seen.add(tuple(np.argwhere(out > 0)[0] - np.array(WINDOW) // 2))
+    # (i, j) of the marker under the 4 quarter turns and the flips, and k flipped or not: 16 placements
+    assert {abs(i) for i, _, _ in seen} == {3, 1} and {k for _, _, k in seen} == {2, -2}
+    assert len(seen) == 16
 
 
 def test_patch_dataset_positives_are_centred_and_varied() -> None:
@@ -50,12 +69,6 @@ def test_patch_dataset_positives_are_centred_and_varied() -> None:
     assert len(offsets) > 5
     again = PatchDataset([_volume_with_dot()], n_samples=64, mix={"positive": 1.0}, seed=0)
     assert all(np.array_equal(ds[i]["target"], again[i]["target"]) for i in range(8))
-
-
-def test_sample_params_covers_both_rotation_directions() -> None:
-    rng = np.random.default_rng(0)
-    rots = {sample_params(rng).rot90 for _ in range(200)}
-    assert {1, 3} <= rots
 
 
 def test_lotcv_folds_15_scans() -> None:

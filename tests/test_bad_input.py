@@ -164,7 +164,7 @@ def test_summary_lists_every_bad_scan_and_keeps_the_good_ones(nifti_root: Path) 
     save(np.zeros((40, 40, 24), np.int16), nifti_root / "labels" / "s9.nii.gz")
     lines, errors = summarize(NiftiDataset(nifti_root))
     assert lines[-1] == "scans: 3 cmbs: 3"
-    assert len(errors) == 1 and "s9.nii.gz: image is all zeros" in errors[0]
+    assert list(errors) == ["s9"] and "s9.nii.gz: image is all zeros" in errors["s9"]
 
 
 def test_a_failure_wrapped_by_monai_is_reported_as_the_user_error_inside() -> None:

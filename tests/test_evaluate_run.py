@@ -3,6 +3,7 @@ points, bootstrap intervals, per-scan figures, the report, and every kind of bad
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -25,7 +26,7 @@ def _config(target_fp: float) -> OmegaConf:
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"eval.target_fp_per_scan={target_fp}", "eval.wandb=false", "eval.review=false",
+        cfg = compose(config_name="train", overrides=[f"eval.target_fp_per_scan={target_fp}", "eval.log=false", "eval.review=false",
                                                       "eval.bootstrap.n_resamples=200"])
     return cfg
 
@@ -40,7 +41,7 @@ def make_run(root: Path, scans: dict[str, dict], folds: list[list[str]], target_
                                                   "folds": [{"fold": k, "test": t, "train": []} for k, t in enumerate(folds)]}))
     for k, test in enumerate(folds):
         fdir = root / f"fold_{k}"
-        for folder in ("stage1", "oof"):
+        for folder in ("unet_candidates", "cnn_scores"):
             (fdir / folder).mkdir(parents=True)
             (fdir / folder / "settings.json").write_text(json.dumps(folder_settings(cfg, fdir, folder)))
         for scan_id in test:
@@ -53,9 +54,9 @@ def make_run(root: Path, scans: dict[str, dict], folds: list[list[str]], target_
             points = np.array([d[:3] for d in dets], dtype=float).reshape(-1, 3)
             hits = [";".join(map(str, h)) for h in hit_sets(points, Truth(cents, (0.5, 0.5, 1.0)), 2.5)]
             stage1 = [Candidate(scan_id, *d[:3], 0.0, 0.0, 0.0, d[3], d[3], 5, d[3]) for d in dets]
-            write_candidates(stage1, fdir / "stage1" / f"{scan_id}.csv", {"hits": hits})
+            write_candidates(stage1, fdir / "unet_candidates" / f"{scan_id}.csv", {"hits": hits})
             two = [Candidate(scan_id, *d[:3], 0.0, 0.0, 0.0, d[3], d[3], 5, d[4]) for d in dets]
-            write_candidates(two, fdir / "oof" / f"{scan_id}.csv", {"hits": hits})
+            write_candidates(two, fdir / "cnn_scores" / f"{scan_id}.csv", {"hits": hits})
     return root
 
 
@@ -64,6 +65,24 @@ TWO_SCANS = {
     "A": {"centroids": [[10, 10, 10]], "diameters": [2.0], "detections": [(10, 10, 10, 0.9, 0.55), (30, 30, 20, 0.9, 0.95), (40, 40, 20, 0.5, 0.75)]},
     "B": {"centroids": [[20, 20, 10]], "diameters": [6.0], "detections": [(20, 20, 10, 0.9, 0.85), (30, 30, 20, 0.3, 0.65), (5, 5, 5, 0.25, 0.35)]},
 }
+
+
+def test_the_evaluation_logs_through_the_configured_loggers_and_sweeps_the_configured_grid(tmp_path: Path) -> None:
+    from cmb.eval.evaluate import evaluate_run
+
+    run = make_run(tmp_path / "run", TWO_SCANS, [["A"], ["B"]], target_fp=1.0)
+    cfg = OmegaConf.load(run / "config.yaml")
+    cfg.eval.log = True
+    cfg.eval.thresholds = {"start": 0.5, "stop": 0.9, "step": 0.1}
+    cfg.logger = {"csv": {"_target_": "pytorch_lightning.loggers.CSVLogger", "name": "csv"}}
+    results = evaluate_run(run, cfg)
+    assert [p["threshold"] for p in results["operating_points"]] == [0.5, 0.6, 0.7, 0.8, 0.9]
+    logged = list((run / "logs" / "eval").glob("csv/*/metrics.csv"))
+    assert len(logged) == 1
+    with open(logged[0], newline="") as handle:
+        row = next(csv.DictReader(handle))
+    assert float(row["eval/cpm"]) == pytest.approx(results["froc"]["cpm"])
+    assert float(row["eval/nested_sensitivity"]) == results["nested_operating_point"]["sensitivity"]
 
 
 def test_nested_and_in_sample_operating_points_by_hand(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -139,7 +158,7 @@ def test_bootstrap_of_identical_scans_has_no_spread() -> None:
 
 
 def _corrupt(run: Path, case: str) -> Path:
-    oof, stage1 = run / "fold_0" / "oof" / "A.csv", run / "fold_0" / "stage1" / "A.csv"
+    oof, stage1 = run / "fold_0" / "cnn_scores" / "A.csv", run / "fold_0" / "unet_candidates" / "A.csv"
     truth = run / "fold_0" / "truth" / "A.json"
     text = oof.read_text()
     if case == "missing oof":
@@ -172,16 +191,16 @@ def _corrupt(run: Path, case: str) -> Path:
         oof.write_text("\n".join(lines) + "\n")
         return oof
     elif case == "written before settings were recorded":
-        (run / "fold_0" / "stage1" / "settings.json").unlink()
-        return run / "fold_0" / "stage1"
+        (run / "fold_0" / "unet_candidates" / "settings.json").unlink()
+        return run / "fold_0" / "unet_candidates"
     elif case == "other stage-1 threshold":
-        settings = json.loads((run / "fold_0" / "oof" / "settings.json").read_text())
-        (run / "fold_0" / "oof" / "settings.json").write_text(json.dumps({**settings, "stage1_threshold": 0.15}))
-        return run / "fold_0" / "oof"
+        settings = json.loads((run / "fold_0" / "cnn_scores" / "settings.json").read_text())
+        (run / "fold_0" / "cnn_scores" / "settings.json").write_text(json.dumps({**settings, "unet_threshold": 0.15}))
+        return run / "fold_0" / "cnn_scores"
     elif case == "a member retrained since":  # deleted and trained again: its model file is not the one the files came from
         (run / "fold_0" / "cnn_bs20").mkdir()
         (run / "fold_0" / "cnn_bs20" / "model.pt").write_bytes(b"other weights")
-        return run / "fold_0" / "oof"
+        return run / "fold_0" / "cnn_scores"
     oof.write_text("\n".join([lines[0], ",".join(row), *lines[2:]]) + "\n")
     return oof
 

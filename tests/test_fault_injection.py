@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SMOKE = ["debug=smoke", "data.preset=tiny", "inference.stage1.tile=[32,32,32]"]
+SMOKE = ["debug=smoke", "data.preset=tiny", "inference.unet.tile=[32,32,32]"]
 
 
 class Killed(Exception):
@@ -45,11 +45,12 @@ def _compose(overrides: list[str]):
 
 def _train(cfg, stage: str, kill_at: int | None, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Train fold 0's batch-size-20 member of `stage`; with `kill_at`, kill it there first and resume."""
-    from cmb.pipeline import Experiment
+    from cmb.protocol.run import Protocol
+    from cmb.protocol.trainer import TrainerFactory
 
     if kill_at is not None:
         killer = KillAtStep(kill_at)
-        original = Experiment._trainer
+        original = TrainerFactory.make
 
         def trainer_with_killer(self, *args, **kwargs):
             trainer = original(self, *args, **kwargs)
@@ -57,11 +58,11 @@ def _train(cfg, stage: str, kill_at: int | None, monkeypatch: pytest.MonkeyPatch
             return trainer
 
         with monkeypatch.context() as patched:
-            patched.setattr(Experiment, "_trainer", trainer_with_killer)
+            patched.setattr(TrainerFactory, "make", trainer_with_killer)
             with pytest.raises(Killed):
-                _member(Experiment(cfg), stage)
-        assert not (Experiment(cfg).member_dir(stage, 0, 20) / "done.json").exists()
-    return _member(Experiment(cfg), stage)
+                _member(Protocol(cfg), stage)
+        assert not (Protocol(cfg).layout.member_dir(stage, 0, 20) / "done.json").exists()
+    return _member(Protocol(cfg), stage)
 
 
 def _member(exp, stage: str) -> Path:
@@ -99,10 +100,10 @@ def test_a_member_killed_at_random_steps_resumes_to_the_uninterrupted_member_bit
         tmp_path: Path, tiny_synthetic: Path, monkeypatch: pytest.MonkeyPatch, stage: str, total_steps: int) -> None:
     # 3 batches an epoch, a checkpoint every 2 steps: kills land mid-epoch, on epoch ends and between checkpoints;
     # the U-Net's 4 + 4 steps are its first round and its hard-negative round with replay (state in the checkpoint)
-    from cmb.pipeline import Experiment
+    from cmb.protocol.run import Protocol
 
-    settings = [*SMOKE, f"paths.cache_dir={tiny_synthetic}", "model.steps_per_epoch=3", "cnn.steps_per_epoch=3",
-                "cnn.max_steps=6", "model.refine.steps=4", "model.refine.replay={below: 0.99, share: 0.5}", "model.health=null"]
+    settings = [*SMOKE, f"paths.cache_dir={tiny_synthetic}", "unet.steps_per_epoch=3", "cnn.steps_per_epoch=3",
+                "cnn.max_steps=6", "unet.refine.steps=4", "unet.refine.replay={below: 0.99, share: 0.5}", "unet.health=null"]
     reference = _outcome(_train(_compose([*settings, f"paths.runs_dir={tmp_path}", "name=uninterrupted"]), stage, None, monkeypatch))
     if stage == "unet":
         assert "refine_metrics.csv" in reference["metrics"] and reference["done"]["refine"]["replay_slipping_per_epoch"]
@@ -112,7 +113,7 @@ def test_a_member_killed_at_random_steps_resumes_to_the_uninterrupted_member_bit
     for at in kills:
         cfg = _compose([*settings, f"paths.runs_dir={tmp_path}", f"name=killed_at_{at}"])
         if stage == "cnn":  # the fold's U-Nets and mimics as in the reference run, first; only the CNN is killed
-            _mimics(Experiment(cfg))
+            _mimics(Protocol(cfg))
         _assert_same(_outcome(_train(cfg, stage, at, monkeypatch)), reference)
 
 
@@ -135,7 +136,7 @@ def test_stepseed_makes_each_steps_draws_a_function_of_seed_and_step() -> None:
 
 
 def test_metrics_of_a_resumed_member_keep_the_steps_before_the_resume(tmp_path: Path) -> None:
-    from cmb.pipeline import merge_metrics
+    from cmb.protocol.members import merge_metrics
 
     logs = tmp_path / "csv"
     runs = {0: "epoch,step,train/loss\n0,0,0.9\n0,1,0.8\n0,2,0.7\n", 1: "epoch,step,train/loss,train/acc\n0,2,0.7,0.5\n1,3,0.6,0.6\n",
@@ -175,7 +176,7 @@ def test_unwritable_output_and_run_folders_are_refused_before_any_work(tmp_path:
 
     from cmb.data.io import require_writable
     from cmb.errors import DataError
-    from cmb.pipeline import Experiment
+    from cmb.protocol.run import Protocol
 
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -184,7 +185,7 @@ def test_unwritable_output_and_run_folders_are_refused_before_any_work(tmp_path:
     with pytest.raises(DataError, match="locked: output folder is not writable"):
         require_writable(locked / "detections" / "new", "output folder")  # the nearest existing part decides
     require_writable(tmp_path / "free", "output folder")
-    exp = Experiment(_compose([*SMOKE, f"paths.cache_dir={tiny_synthetic}", f"paths.runs_dir={locked}", "name=run"]))
+    exp = Protocol(_compose([*SMOKE, f"paths.cache_dir={tiny_synthetic}", f"paths.runs_dir={locked}", "name=run"]))
     with pytest.raises(DataError, match="not writable"):
         exp.prepare()
     assert list(locked.iterdir()) == []

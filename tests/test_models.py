@@ -13,7 +13,7 @@ from cmb import WINDOW
 from cmb.data.patches import PatchDataset, TrainingVolume
 from cmb.models.checkpoint import load_model, save_model
 from cmb.models.discriminator import DouCNN
-from cmb.models.lightning import Stage1Module, Stage2Module
+from cmb.models.lightning import UNetModule, CNNModule
 from cmb.models.unet import DarkBlobContrast, LocalContrast, UNet3D, box_extreme_1d
 from cmb.errors import DataError
 
@@ -117,9 +117,9 @@ def test_configured_unet_sees_only_the_window_in_plane_at_its_centre(experiment:
     the convolutions count here."""
     with initialize_config_dir(config_dir=str(Path(__file__).parents[1] / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"experiment={experiment}"])
-    net = instantiate(cfg.model.net)
+    net = instantiate(cfg.unet.net)
     assert isinstance(net, UNet3D)
-    conv_field = UNet3D(channels=list(cfg.model.net.channels)).receptive_field
+    conv_field = UNet3D(channels=list(cfg.unet.net.channels)).receptive_field
     assert conv_field[0] <= WINDOW[0] and conv_field[1] <= WINDOW[1]
     assert conv_field[2] <= WINDOW[2] + 2  # along k the centre sees at most one padded slice per side
 
@@ -163,7 +163,7 @@ def _steps(module, dataset, steps: int, batch: int = 8) -> list[float]:
 @pytest.mark.slow
 def test_stage1_training_lowers_loss(monkeypatch) -> None:
     torch.manual_seed(0)
-    module = Stage1Module(UNet3D(channels=(8, 16, 32)), DiceCELoss(sigmoid=True, batch=True), lambda p: torch.optim.AdamW(p, lr=3e-3), 30)
+    module = UNetModule(UNet3D(channels=(8, 16, 32)), DiceCELoss(sigmoid=True, batch=True), lambda p: torch.optim.AdamW(p, lr=3e-3), 30)
     monkeypatch.setattr(module, "log", lambda *a, **k: None)
     ds = PatchDataset(_blob_volumes(), 30 * 8, {"positive": 0.6, "random": 0.4}, seed=0)
     losses = _steps(module, ds, 30)
@@ -172,7 +172,7 @@ def test_stage1_training_lowers_loss(monkeypatch) -> None:
 
 def test_discriminator_training_step_learns(monkeypatch) -> None:
     torch.manual_seed(0)
-    module = Stage2Module(DouCNN(), lambda p: torch.optim.AdamW(p, lr=1e-3), 25)
+    module = CNNModule(DouCNN(), lambda p: torch.optim.AdamW(p, lr=1e-3), 25)
     monkeypatch.setattr(module, "log", lambda *a, **k: None)
     ds = PatchDataset(_blob_volumes(), 25 * 8, {"positive": 0.5, "random": 0.5}, seed=1)
     losses = _steps(module, ds, 25)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SMOKE = ["debug=smoke", "data.preset=tiny", "inference.stage1.tile=[32,32,32]"]
+SMOKE = ["debug=smoke", "data.preset=tiny", "inference.unet.tile=[32,32,32]"]
 
 
 def run_cli(args: list[str], cache: Path, timeout: int = 300, script: str = "train.py") -> subprocess.CompletedProcess:
@@ -27,7 +27,7 @@ def run_cli(args: list[str], cache: Path, timeout: int = 300, script: str = "tra
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory: pytest.TempPathFactory, tiny_synthetic_module: Path) -> Path:
     runs = tmp_path_factory.mktemp("runs")
-    out = run_cli(["experiment=lotcv", *SMOKE, f"paths.runs_dir={runs}", "name=e2e", "trainer.progress_every_n_steps=2"],
+    out = run_cli(["experiment=lotcv", *SMOKE, f"paths.runs_dir={runs}", "name=e2e", "runtime.progress_every_n_steps=2"],
                   tiny_synthetic_module)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "report:" in out.stdout and "FROC plot:" in out.stdout
@@ -42,6 +42,21 @@ def tiny_synthetic_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = tmp_path_factory.mktemp("cache")
     ensure_synthetic_dataset("tiny", 0, cache)
     return cache
+
+
+@pytest.mark.slow
+def test_trainer_flags_from_the_command_line_reach_lightning_and_fast_dev_run_runs_the_whole_protocol(tmp_path: Path,
+                                                                                                     tiny_synthetic: Path) -> None:
+    out = run_cli(["experiment=lotcv", *SMOKE, f"paths.runs_dir={tmp_path}", "name=fast", "trainer.fast_dev_run=true",
+                   "trainer.gradient_clip_val=1.0"], tiny_synthetic)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "fast"
+    members = sorted(run.glob("fold_*/*_bs*/done.json"))
+    assert len(members) == 4 * 3  # 2 folds + final, 2 U-Nets + 2 CNNs each
+    for done in members:  # fast_dev_run: one step per round, whatever max_steps says
+        record = json.loads(done.read_text())
+        assert record["steps"] == 1 and record.get("refine", {"steps": 1})["steps"] == 1
+    assert json.loads((run / "results.json").read_text())["dataset"]["n_scans"] == 4
 
 
 @pytest.mark.slow
@@ -117,14 +132,14 @@ def test_rerun_skips_finished_members(finished_run: Path, tiny_synthetic_module:
                 if p.is_file() and "logs" not in p.relative_to(finished_run).parts}
 
     before = snapshot()
-    changed = run_cli(["experiment=lotcv", *SMOKE, f"paths.runs_dir={finished_run.parent}", "name=e2e", "model.max_steps=6"], tiny_synthetic_module)
+    changed = run_cli(["experiment=lotcv", *SMOKE, f"paths.runs_dir={finished_run.parent}", "name=e2e", "unet.max_steps=6"], tiny_synthetic_module)
     assert changed.returncode == 2 and "trained with other settings" in changed.stderr
     assert snapshot() == before  # a refused re-run changes nothing (config.yaml included)
 
 
 @pytest.mark.slow
 def test_killed_protocol_resumes(tmp_path: Path, tiny_synthetic_module: Path) -> None:
-    args = ["experiment=lotcv", *SMOKE, f"paths.runs_dir={tmp_path}", "name=killed", "model.max_steps=8", "model.steps_per_epoch=4",
+    args = ["experiment=lotcv", *SMOKE, f"paths.runs_dir={tmp_path}", "name=killed", "unet.max_steps=8", "unet.steps_per_epoch=4",
             "protocol.train_final=false"]
     env = {**os.environ, "CMB_CACHE": str(tiny_synthetic_module), "WANDB_MODE": "offline"}
     proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -156,13 +171,13 @@ def test_train_rejects_bad_fold_and_unknown_dataset(tmp_path: Path, tiny_synthet
 @pytest.mark.parametrize("override, message", [
     ("batch_size=0", "batch_size=0 is not allowed: a whole number >= 2"),
     ("batch_size=1", "batch_size=1 is not allowed: a whole number >= 2 (batch norm"),
-    ("batch_size=25", "batch_size=25 is not a member of the unet ensemble (model.batch_sizes=[20, 30])"),
+    ("batch_size=25", "batch_size=25 is not a member of the unet ensemble (unet.batch_sizes=[20, 30])"),
     ("seed=abc", "seed='abc' is not allowed"),
-    ("inference.stage1_threshold=2", "inference.stage1_threshold=2 is not allowed: a number in (0, 1]"),
-    ("inference.stage1.mode=bogus", "inference.stage1.mode='bogus' is not allowed: one of fast, faithful"),
+    ("inference.unet_threshold=2", "inference.unet_threshold=2 is not allowed: a number in (0, 1]"),
+    ("inference.unet.mode=bogus", "inference.unet.mode='bogus' is not allowed: one of fast, faithful"),
     ("fold=9", "fold=9 is out of range"),
     ("batch_sze=30", "batch_sze=30: train.py has no setting 'batch_sze'; did you mean batch_size"),
-    ("model.max_step=3", "model.max_step=3: train.py has no setting 'model.max_step'; did you mean model.max_steps"),
+    ("unet.max_step=3", "unet.max_step=3: train.py has no setting 'unet.max_step'; did you mean unet.max_steps"),
     ("experiment=lotvc", "experiment=lotvc: Could not find 'experiment/lotvc'; available: lotcv, paper"),
     ("fold=0,1", "fold=0,1: a comma-separated value needs -m"),
     ("fold=[0", "cannot read the command line"),
@@ -181,7 +196,7 @@ def test_bad_values_are_refused_at_the_door_before_any_folder_exists(tmp_path: P
     ("threshold=2", "threshold=2 is not allowed: a number in [0, 1] or null"),
     ("threshold=nan", "threshold=nan is not allowed"),
     ("threshold=abc", "threshold='abc' is not allowed"),
-    ("stage1_mode=bogus", "stage1_mode='bogus' is not allowed: one of fast, faithful or null"),
+    ("unet_mode=bogus", "unet_mode='bogus' is not allowed: one of fast, faithful or null"),
     ("treshold=0.5", "treshold=0.5: infer.py has no setting 'treshold'; did you mean threshold?"),
 ])
 def test_bad_infer_values_are_refused_before_any_work(tmp_path: Path, tiny_synthetic: Path, override: str, message: str) -> None:
@@ -220,14 +235,14 @@ def _known_stage_outputs(monkeypatch) -> None:  # noqa: ANN001 (pytest fixture)
     normalized image's local mean below 0.3) and stage 2 scores candidates 0.99 down to 0.5 in order."""
     from scipy import ndimage
 
-    from cmb.inference import stage1, stage2
+    from cmb.inference import cnn_scores, unet_map
 
     def dark_spot_map(net, image, mask, cfg=None, device="cpu"):
         local = ndimage.uniform_filter(image, size=(5, 5, 3))
         return np.where(mask, 1 / (1 + np.exp((local - 0.3) * 40)), 0).astype(np.float32)
 
-    monkeypatch.setattr(stage1, "predict_probability", dark_spot_map)
-    monkeypatch.setattr(stage2, "score_points", lambda nets, image, points, **kw: np.linspace(0.99, 0.5, len(points)).astype(np.float32))
+    monkeypatch.setattr(unet_map, "predict_probability", dark_spot_map)
+    monkeypatch.setattr(cnn_scores, "score_points", lambda nets, image, points, **kw: np.linspace(0.99, 0.5, len(points)).astype(np.float32))
 
 
 @pytest.mark.slow
@@ -351,7 +366,7 @@ def test_infer_on_heldout_scans_writes_exactly_their_out_of_fold_detections(fini
                           tiny_synthetic_module, script="infer.py")
             assert out.returncode == 0, out.stderr[-2000:]
             for scan_id in fold["test"]:
-                with open(finished_run / f"fold_{fold['fold']}" / "oof" / f"{scan_id}.csv", newline="") as handle:
+                with open(finished_run / f"fold_{fold['fold']}" / "cnn_scores" / f"{scan_id}.csv", newline="") as handle:
                     oof = list(csv.DictReader(handle))
                 with open(out_dir / f"{scan_id}_detections.csv", newline="") as handle:
                     deployed = list(csv.DictReader(handle))
@@ -373,7 +388,7 @@ def test_a_finished_run_scores_another_family_as_infer_py_would(finished_run: Pa
     import csv
 
     runs = tmp_path / "runs"
-    args = ["stage=score", f"model_dir={finished_run}", "data.preset=physics_tiny", "inference.stage1.tile=[32,32,32]",
+    args = ["stage=score", f"model_dir={finished_run}", "data.preset=physics_tiny", "inference.unet.tile=[32,32,32]",
             f"paths.runs_dir={runs}", "name=on_physics"]
     out = run_cli(args, tiny_synthetic_module)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -385,14 +400,14 @@ def test_a_finished_run_scores_another_family_as_infer_py_would(finished_run: Pa
     assert results["transfer_operating_point"]["threshold"] == own and results["nested_operating_point"] is None
     assert "transfer (honest)" in (scored / "report.md").read_text()
     ids = json.loads((scored / "splits.json").read_text())["folds"][0]["test"]
-    assert len(ids) == 4 and all((scored / "fold_0" / "oof" / f"{i}.csv").is_file() for i in ids)
+    assert len(ids) == 4 and all((scored / "fold_0" / "cnn_scores" / f"{i}.csv").is_file() for i in ids)
     again = run_cli(["cmb.eval", str(scored)], tiny_synthetic_module, script="-m")  # python -m cmb.eval re-evaluates it alike
     assert again.returncode == 0 and json.loads((scored / "results.json").read_text())["froc"] == results["froc"]
     image = next((tiny_synthetic_module / "synthetic").glob("physics_tiny-seed0-*")) / "images" / f"{ids[0]}.nii.gz"
     infer = run_cli([f"model_dir={finished_run}", f"input={image}", f"output={tmp_path / 'det'}", "threshold=0.0", "progress=false"],
                     tiny_synthetic_module, script="infer.py")
     assert infer.returncode == 0, infer.stderr[-2000:]
-    with open(scored / "fold_0" / "oof" / f"{ids[0]}.csv", newline="") as handle:
+    with open(scored / "fold_0" / "cnn_scores" / f"{ids[0]}.csv", newline="") as handle:
         oof = sorted(csv.DictReader(handle), key=lambda r: -float(r["score"]))
     with open(tmp_path / "det" / f"{ids[0]}_detections.csv", newline="") as handle:
         deployed = list(csv.DictReader(handle))
@@ -419,16 +434,16 @@ def _compose(overrides: list[str]):
 @pytest.mark.slow
 def test_refine_round_learns_from_its_own_false_positives_on_training_scans_only(tmp_path: Path, tiny_synthetic: Path) -> None:
     from cmb.inference.candidates import read_candidates
-    from cmb.inference.stage1 import predict_probability
+    from cmb.inference.unet_map import predict_probability
     from cmb.models.checkpoint import load_model
     from cmb.models.health import training_cmb_peaks
-    from cmb.pipeline import Experiment
+    from cmb.protocol.run import Protocol
 
-    mimic_only = [f"model.refine.sampling.{k}={1.0 if k == 'mimic' else 0.0}" for k in ("positive", "random", "dark", "vessel", "mimic")]
+    mimic_only = [f"unet.refine.sampling.{k}={1.0 if k == 'mimic' else 0.0}" for k in ("positive", "random", "dark", "vessel", "mimic")]
     cfg = _compose([*SMOKE, f"paths.cache_dir={tiny_synthetic}", f"paths.runs_dir={tmp_path}", "name=refine", "logger=csv",
-                    "model.max_steps=40", "model.steps_per_epoch=10", "model.refine.steps=40", "model.refine.threshold=0.2", "model.refine.lr=0.003",
-                    "model.refine.max_scans=null", "model.refine.replay={below: 0.5, share: 0.5}", *mimic_only])
-    exp = Experiment(cfg)
+                    "unet.max_steps=40", "unet.steps_per_epoch=10", "unet.refine.steps=40", "unet.refine.threshold=0.2", "unet.refine.lr=0.003",
+                    "unet.refine.max_scans=null", "unet.refine.replay={below: 0.5, share: 0.5}", *mimic_only])
+    exp = Protocol(cfg)
     member = exp.train_member("unet", 0, 20)
     split = exp.fold_split(0)
     files = sorted(p.stem for p in (member / "hard_negatives").glob("*.csv"))
@@ -445,10 +460,10 @@ def test_refine_round_learns_from_its_own_false_positives_on_training_scans_only
         negatives, _ = read_candidates(member / "hard_negatives" / f"{scan_id}.csv")
         if not negatives:
             continue
-        scan, pre = exp.load_scan(scan_id)
+        scan, pre = exp.store.load(scan_id)
         centres = tuple(np.rint(np.array([c.voxel for c in negatives])).astype(int).T)
         for net, scores in ((before, scores_before), (after, scores_after)):
-            scores.extend(predict_probability(net, np.asarray(pre.image), np.asarray(pre.mask), exp.infer_cfg)[centres])
+            scores.extend(predict_probability(net, np.asarray(pre.image), np.asarray(pre.mask), exp.unet_map_cfg)[centres])
         # a hard negative is a false positive: no CMB of the scan within the matching radius
         for c in negatives:
             assert np.min(np.linalg.norm((scan.centroids_vox - c.voxel) * scan.spacing_mm, axis=1)) > cfg.eval.match_radius_mm
@@ -458,22 +473,22 @@ def test_refine_round_learns_from_its_own_false_positives_on_training_scans_only
     weights = [(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()) if a.is_floating_point()]
     assert not all(torch.allclose(a, b) for a, b in weights)
     # done.json's record of the training CMBs after the round is the refined member's own score
-    peaks = training_cmb_peaks(after, exp.training_volumes(split["train"]))
+    peaks = training_cmb_peaks(after, exp.store.training_volumes(split["train"]))
     assert done["refine"]["training_cmb_peak_min"] == pytest.approx(float(peaks.min()), abs=1e-3)
     assert len(done["refine"]["training_cmbs_below_0.5"]) == int((peaks < 0.5).sum())
 
 
 def test_paper_mining_takes_the_heldout_components_at_the_mining_threshold_that_hit_no_cmb(tmp_path: Path, tiny_synthetic: Path) -> None:
     from cmb.inference.candidates import Candidate, read_candidates, write_candidates
-    from cmb.pipeline import Experiment
+    from cmb.protocol.run import Protocol
 
     cfg = _compose([*SMOKE, f"paths.cache_dir={tiny_synthetic}", f"paths.runs_dir={tmp_path}", "name=paper_mining", "mining.mode=paper"])
-    exp = Experiment(cfg)
+    exp = Protocol(cfg)
     for scan_id in exp.mined_scans(0):
         source = exp.heldout_fold_of(scan_id)
         assert source != 0  # fold 0's training scans were held out by other folds
         cands = [Candidate(scan_id, 5.0 + n, 6.0, 7.0, 0.0, 0.0, 0.0, 0.16 + 0.1 * n, 0.1, 4) for n in range(3)]
-        write_candidates(cands, exp.fold_dir(source) / "paper_mining" / f"{scan_id}.csv", {"hits": ["", "0", ""]})
+        write_candidates(cands, exp.layout.fold_dir(source) / "paper_mining" / f"{scan_id}.csv", {"hits": ["", "0", ""]})
     out = exp.mine(0)
     for scan_id in exp.mined_scans(0):
         mimics, _ = read_candidates(out / f"{scan_id}.csv")
@@ -482,29 +497,29 @@ def test_paper_mining_takes_the_heldout_components_at_the_mining_threshold_that_
 
 def test_members_from_other_settings_are_refused_before_anything_is_written(tmp_path: Path, tiny_synthetic: Path) -> None:
     from cmb.errors import ConfigError
-    from cmb.pipeline import Experiment
+    from cmb.protocol.run import Protocol
 
     args = [*SMOKE, f"paths.cache_dir={tiny_synthetic}", f"paths.runs_dir={tmp_path}", "name=other"]
-    exp = Experiment(_compose(args))
+    exp = Protocol(_compose(args))
     exp.prepare()
-    member = exp.member_dir("unet", 0, 20)
+    member = exp.layout.member_dir("unet", 0, 20)
     member.mkdir(parents=True)
     (member / "started.json").write_text(json.dumps(exp.settings_stamp("unet", 0, 20)))
-    config = (exp.run_dir / "config.yaml").read_bytes()
+    config = (exp.layout.root / "config.yaml").read_bytes()
     with pytest.raises(ConfigError, match="trained with other settings"):
-        Experiment(_compose([*args, "model.optimizer.lr=0.01"]))  # an unfinished member, other learning rate
-    assert (exp.run_dir / "config.yaml").read_bytes() == config
+        Protocol(_compose([*args, "unet.optimizer.lr=0.01"]))  # an unfinished member, other learning rate
+    assert (exp.layout.root / "config.yaml").read_bytes() == config
     (member / "started.json").write_text(json.dumps({**exp.settings_stamp("unet", 0, 20), "settings_hash": "0" * 16}))
     with pytest.raises(ConfigError, match="unfinished member was started with other settings"):
         exp.train_member("unet", 0, 20)
 
 
 def test_each_model_logs_into_its_own_wandb_run(tmp_path: Path, tiny_synthetic: Path) -> None:
-    from cmb.pipeline import Experiment
+    from cmb.protocol.run import Protocol
 
     cfg = _compose([*SMOKE, f"paths.cache_dir={tiny_synthetic}", f"paths.runs_dir={tmp_path}", "name=wandb_runs", "logger=default",
-                    "model.refine.steps=0", "model.health=null"])
-    exp = Experiment(cfg)
+                    "unet.refine.steps=0", "unet.health=null"])
+    exp = Protocol(cfg)
     members = [exp.train_member("unet", 0, bs) for bs in (20, 30)]
     runs = [sorted((m / "wandb").glob("offline-run-*")) for m in members]
     assert [len(r) for r in runs] == [1, 1]  # before: the second model logged into the first one's run
@@ -514,94 +529,98 @@ def test_each_model_logs_into_its_own_wandb_run(tmp_path: Path, tiny_synthetic: 
 def test_options_off_keep_the_settings_hash_of_runs_from_before_them(tmp_path: Path, tiny_synthetic: Path) -> None:
     from omegaconf import open_dict
 
-    from cmb.pipeline import Experiment
+    from cmb.protocol.run import Protocol
 
-    cfg = _compose([*SMOKE, f"paths.cache_dir={tiny_synthetic}", f"paths.runs_dir={tmp_path}", "name=hash", "model.refine.steps=0"])
-    exp = Experiment(cfg)
+    cfg = _compose([*SMOKE, f"paths.cache_dir={tiny_synthetic}", f"paths.runs_dir={tmp_path}", "name=hash", "unet.refine.steps=0"])
+    exp = Protocol(cfg)
     with_key = exp.member_settings_hash("unet", 0, 20)
     with open_dict(cfg):
-        del cfg.model["refine"]
-        del cfg.model["transplant"]  # nor does the transplant option while no mix uses it
-        del cfg.model.net["blob_contrast"]  # nor the dark-blob channel while off
-        del cfg.model["health"]  # nor the capped-member check: it keeps healthy members as they are
+        del cfg.unet["refine"]
+        del cfg.unet["transplant"]  # nor does the transplant option while no mix uses it
+        del cfg.unet.net["blob_contrast"]  # nor the dark-blob channel while off
+        del cfg.unet["health"]  # nor the capped-member check: it keeps healthy members as they are
     assert exp.member_settings_hash("unet", 0, 20) == with_key
     with open_dict(cfg):
-        cfg.model.net.blob_contrast = [9, 9, 5]
+        cfg.unet.net.blob_contrast = [9, 9, 5]
     assert exp.member_settings_hash("unet", 0, 20) != with_key
     with open_dict(cfg):
-        cfg.model.net.blob_contrast = None
+        cfg.unet.net.blob_contrast = None
     with open_dict(cfg):
-        cfg.model.refine = {"steps": 5, "threshold": 0.3, "max_scans": 2, "lr": 0.001, "sampling": {"mimic": 1.0}}
+        cfg.unet.refine = {"steps": 5, "threshold": 0.3, "max_scans": 2, "lr": 0.001, "sampling": {"mimic": 1.0}}
     refined = exp.member_settings_hash("unet", 0, 20)
     assert refined != with_key
     with open_dict(cfg):
-        cfg.model.transplant = {"sites": ["dark"], "gamma": [1.0, 1.0]}
+        cfg.unet.transplant = {"sites": ["dark"], "gamma": [1.0, 1.0]}
     assert exp.member_settings_hash("unet", 0, 20) == refined
-    cfg.model.refine.sampling = {"mimic": 0.5, "transplant": 0.5}
+    cfg.unet.refine.sampling = {"mimic": 0.5, "transplant": 0.5}
     with_transplant = exp.member_settings_hash("unet", 0, 20)
-    cfg.model.transplant.sites = ["mimic"]
+    cfg.unet.transplant.sites = ["mimic"]
     assert len({refined, with_transplant, exp.member_settings_hash("unet", 0, 20)}) == 3
-    cfg.model.refine.sampling = {"mimic": 1.0}
+    cfg.unet.refine.sampling = {"mimic": 1.0}
     with open_dict(cfg):
-        cfg.model.refine.replay = None  # replay off: the same member as a run from before the option
+        cfg.unet.refine.replay = None  # replay off: the same member as a run from before the option
     assert exp.member_settings_hash("unet", 0, 20) == refined
-    cfg.model.refine.replay = {"below": 0.5, "share": 0.5}
+    cfg.unet.refine.replay = {"below": 0.5, "share": 0.5}
     assert exp.member_settings_hash("unet", 0, 20) != refined
-    cfg.model.refine.replay = None
+    cfg.unet.refine.replay = None
     with open_dict(cfg):  # the general rule: any option added later with an off default keeps finished members valid
-        cfg.model.a_later_option = {"enabled": False, "weight": 0.0, "sites": []}
+        cfg.unet.a_later_option = {"enabled": False, "weight": 0.0, "sites": []}
     assert exp.member_settings_hash("unet", 0, 20) == refined
-    cfg.model.a_later_option.weight = 0.5
+    cfg.unet.a_later_option.weight = 0.5
     assert exp.member_settings_hash("unet", 0, 20) != refined
 
 
 def test_a_member_stamped_under_an_earlier_settings_schema_is_refused_with_that_reason(tmp_path: Path, tiny_synthetic: Path) -> None:
     from cmb.errors import ConfigError
-    from cmb.pipeline import Experiment
+    from cmb.protocol.run import Protocol
 
     cfg = _compose([*SMOKE, f"paths.cache_dir={tiny_synthetic}", f"paths.runs_dir={tmp_path}", "name=schema"])
     member = tmp_path / "schema" / "fold_0" / "unet_bs20"
     member.mkdir(parents=True)
     (member / "done.json").write_text(json.dumps({"settings_hash": "94369f13c9b1d7bc"}))  # before settings_schema was recorded
-    with pytest.raises(ConfigError, match=r"trained by an earlier cmb \(settings schema 1, now 2\)"):
-        Experiment(cfg)
+    from cmb.protocol.settings import SETTINGS_SCHEMA
+
+    with pytest.raises(ConfigError, match=rf"trained by an earlier cmb \(settings schema 1, now {SETTINGS_SCHEMA}\)"):
+        Protocol(cfg)
 
 
 def test_a_capped_member_is_set_aside_and_trained_again_with_another_seed(tmp_path: Path, tiny_synthetic: Path) -> None:
-    from cmb.pipeline import RETRY_SEED_STEP, Experiment
+    from cmb.protocol.run import Protocol
+    from cmb.protocol.settings import member_seed
 
     # a bar no member can pass (peaks are <= 1.0), so every attempt counts as capped
     cfg = _compose([*SMOKE, f"paths.cache_dir={tiny_synthetic}", f"paths.runs_dir={tmp_path}", "name=capped", "logger=csv",
-                    "model.max_steps=4", "model.steps_per_epoch=2", "model.refine.steps=0",
-                    "model.health.min_median_peak=1.01", "model.health.retries=1"])
-    member = Experiment(cfg).train_member("unet", 0, 20)
+                    "unet.max_steps=4", "unet.steps_per_epoch=2", "unet.refine.steps=0",
+                    "unet.health.min_median_peak=1.01", "unet.health.retries=1"])
+    member = Protocol(cfg).train_member("unet", 0, 20)
     done = json.loads((member / "done.json").read_text())
     assert done["rejected_attempts"] == ["rejected_attempt_0"] and done["capped"] is True
     assert 0.0 <= done["training_cmb_peak_median"] <= 1.0
     rejected = member / "rejected_attempt_0"
     assert (rejected / "checkpoints" / "last.ckpt").is_file() and (rejected / "metrics.csv").is_file()
     first_seed = json.loads((rejected / "metadata.json").read_text())["training_seed"]
-    assert json.loads((member / "metadata.json").read_text())["training_seed"] == first_seed + RETRY_SEED_STEP
+    assert first_seed == member_seed(0, "unet", 0, 20, attempt=0)
+    assert json.loads((member / "metadata.json").read_text())["training_seed"] == member_seed(0, "unet", 0, 20, attempt=1)
     assert (member / "model.pt").is_file() and (member / "checkpoints" / "last.ckpt").is_file()
 
     cfg = _compose([*SMOKE, f"paths.cache_dir={tiny_synthetic}", f"paths.runs_dir={tmp_path}", "name=healthy", "logger=csv",
-                    "model.max_steps=4", "model.steps_per_epoch=2", "model.refine.steps=0", "model.health.min_median_peak=0.0"])
-    member = Experiment(cfg).train_member("unet", 0, 20)
+                    "unet.max_steps=4", "unet.steps_per_epoch=2", "unet.refine.steps=0", "unet.health.min_median_peak=0.0"])
+    member = Protocol(cfg).train_member("unet", 0, 20)
     done = json.loads((member / "done.json").read_text())
     assert "rejected_attempts" not in done and "capped" not in done and not list(member.glob("rejected_attempt_*"))
 
 
 @pytest.mark.slow
 def test_the_round_starts_from_the_member_a_run_without_it_trains(tmp_path: Path, tiny_synthetic: Path) -> None:
-    """model_before_refine.pt is the member `model.refine.steps=0` trains (same seed, same first round), so the
+    """model_before_refine.pt is the member `unet.refine.steps=0` trains (same seed, same first round), so the
     stage-1 result of a run without the round can be read off a run with it."""
     from cmb.models.checkpoint import load_model
-    from cmb.pipeline import Experiment
+    from cmb.protocol.run import Protocol
 
-    common = [*SMOKE, f"paths.cache_dir={tiny_synthetic}", f"paths.runs_dir={tmp_path}", "logger=csv", "model.max_steps=6",
-              "model.steps_per_epoch=3"]
-    plain = Experiment(_compose([*common, "name=plain", "model.refine.steps=0"])).train_member("unet", 0, 20)
-    refined = Experiment(_compose([*common, "name=refined", "model.refine.steps=3", "model.refine.threshold=0.2"])).train_member("unet", 0, 20)
+    common = [*SMOKE, f"paths.cache_dir={tiny_synthetic}", f"paths.runs_dir={tmp_path}", "logger=csv", "unet.max_steps=6",
+              "unet.steps_per_epoch=3"]
+    plain = Protocol(_compose([*common, "name=plain", "unet.refine.steps=0"])).train_member("unet", 0, 20)
+    refined = Protocol(_compose([*common, "name=refined", "unet.refine.steps=3", "unet.refine.threshold=0.2"])).train_member("unet", 0, 20)
     without, _ = load_model(plain / "model.pt")
     before, _ = load_model(refined / "model_before_refine.pt")
     after, _ = load_model(refined / "model.pt")
@@ -635,24 +654,24 @@ def test_help_shows_usage_first_and_infer_lists_only_what_it_uses(tmp_path: Path
 
 
 def test_out_of_fold_files_of_a_retrained_member_are_recomputed(tmp_path: Path, tiny_synthetic: Path) -> None:
-    from cmb.pipeline import Experiment
+    from cmb.protocol.run import Protocol
 
-    exp = Experiment(_compose([*SMOKE, f"paths.cache_dir={tiny_synthetic}", f"paths.runs_dir={tmp_path}", "name=retrained"]))
-    cnn = exp.member_dir("cnn", 0, 20)
+    exp = Protocol(_compose([*SMOKE, f"paths.cache_dir={tiny_synthetic}", f"paths.runs_dir={tmp_path}", "name=retrained"]))
+    cnn = exp.layout.member_dir("cnn", 0, 20)
     cnn.mkdir(parents=True)
     (cnn / "model.pt").write_bytes(b"first weights")
-    oof = exp._fresh_output_folder(0, "oof")
+    oof = exp.fresh_output_folder(0, "cnn_scores")
     (oof / "scan.csv").write_text("scan_id,i,j,k\n")
-    assert (exp._fresh_output_folder(0, "oof") / "scan.csv").is_file()  # same members: kept
+    assert (exp.fresh_output_folder(0, "cnn_scores") / "scan.csv").is_file()  # same members: kept
     (cnn / "model.pt").write_bytes(b"retrained weights")  # the member deleted and trained again
-    assert not (exp._fresh_output_folder(0, "oof") / "scan.csv").exists()
+    assert not (exp.fresh_output_folder(0, "cnn_scores") / "scan.csv").exists()
     assert json.loads((oof / "settings.json").read_text())["members"]["cnn_bs20"] != ""
 
 
 def test_the_cache_is_per_user_wherever_cmb_runs_and_does_not_enter_the_settings_hash(tmp_path: Path, tiny_synthetic: Path,
                                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from cmb import user_cache_dir
-    from cmb.pipeline import Experiment
+    from cmb.protocol.run import Protocol
 
     monkeypatch.delenv("CMB_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
@@ -666,6 +685,6 @@ def test_the_cache_is_per_user_wherever_cmb_runs_and_does_not_enter_the_settings
     import shutil
 
     shutil.copytree(tiny_synthetic, moved)
-    hashes = [Experiment(_compose([*SMOKE, f"paths.cache_dir={cache}", f"paths.runs_dir={tmp_path}", "name=cache"]))
+    hashes = [Protocol(_compose([*SMOKE, f"paths.cache_dir={cache}", f"paths.runs_dir={tmp_path}", "name=cache"]))
               .member_settings_hash("unet", 0, 20) for cache in (tiny_synthetic, moved)]
     assert hashes[0] == hashes[1]

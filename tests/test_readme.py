@@ -79,12 +79,12 @@ def test_every_readme_command_runs_as_written_on_the_default_data(tmp_path: Path
             skipped.append((command, why))
             continue
         if "data=nifti" in command and "train.py" in command:
-            command += " inference.stage1.tile=[32,32,32]"  # the tiny phantom is smaller than the default tile
+            command += " inference.unet.tile=[32,32,32]"  # the tiny phantom is smaller than the default tile
         out = subprocess.run([sys.executable, *_smoke_args(command, paths)], cwd=work, env=env, capture_output=True, text=True,
                              timeout=900)
         assert out.returncode == 0, f"README command failed: {command}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
         ran.append(command)
     assert len(ran) >= 10, ran
     assert {c for c, _ in skipped} <= set(commands)
-    assert (work / "runs" / "lotcv" / "report.md").is_file() and (work / "runs" / "default" / "fold_3" / "oof").is_dir()
+    assert (work / "runs" / "lotcv" / "report.md").is_file() and (work / "runs" / "default" / "fold_3" / "cnn_scores").is_dir()
     assert (tmp_path / "detections" / "index.html").is_file()

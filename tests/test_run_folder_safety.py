@@ -31,7 +31,7 @@ def run_folder(tmp_path: Path) -> Path:
 
     cfg = _compose(["data.preset=tiny"])
     run = tmp_path / "run"
-    for stage, node in (("unet", cfg.model), ("cnn", cfg.cnn)):
+    for stage, node in (("unet", cfg.unet), ("cnn", cfg.cnn)):
         for bs in node.batch_sizes:
             member = run / "fold_final" / f"{stage}_bs{bs}"
             member.mkdir(parents=True)

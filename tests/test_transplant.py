@@ -100,10 +100,10 @@ def test_configured_transplant_reaches_the_training_batches() -> None:
 
     conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["model.transplant.sites=[dark]", "model.transplant.gamma=[3.0,3.0]"])
+        cfg = compose(config_name="train", overrides=["unet.transplant.sites=[dark]", "unet.transplant.gamma=[3.0,3.0]"])
     vol = _scan_with_cmb_and_nucleus()
     data = PatchDataModule([vol], batch_size=8, steps_per_epoch=2, mix={"transplant": 1.0}, seed=0,
-                           transplant=OmegaConf.to_container(cfg.model.transplant, resolve=True))
+                           transplant=OmegaConf.to_container(cfg.unet.transplant, resolve=True))
     batches = list(data.train_dataloader())
     assert len(batches) == 2
     for batch in batches:

@@ -10,11 +10,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
+from scipy import ndimage
 
 from cmb import WINDOW
 from cmb.errors import DataError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+CONNECTIVITY_26 = ndimage.generate_binary_structure(3, 3)  # CMB label components and stage-1 candidates are 26-connected
 log = logging.getLogger(__name__)
 
 

@@ -16,7 +16,7 @@ from scipy import ndimage
 from torch.utils.data import Dataset
 
 from cmb import WINDOW
-from cmb.data.augment import augment_region, crop_centred, region_size, sample_params
+from cmb.data.augment import augment_window, crop_centred, region_size, window_augmentation
 from cmb.data.preprocess import Preprocessed
 from cmb.data.scan import Scan
 from cmb.data.transplant import cut_stamps, paste_stamp
@@ -116,7 +116,7 @@ class PatchDataset(Dataset):
         self.epoch = 0
         self.max_shift = max_shift
         self.negative_shift = max_shift if negative_shift is None else negative_shift
-        self.flip, self.rotate = flip, rotate
+        self.augmentations = {shift: window_augmentation(shift, WINDOW, flip, rotate) for shift in {self.max_shift, self.negative_shift}}
         unknown = set(mix) - set(self.KINDS)
         if unknown:
             raise ValueError(f"unknown sampling kind(s) {sorted(unknown)}; known: {self.KINDS}")
@@ -190,10 +190,10 @@ class PatchDataset(Dataset):
         if kind == "transplant":
             stamp = self.stamps[int(rng.integers(len(self.stamps)))]
             paste_stamp(image, target, stamp, float(rng.uniform(*self.transplant_gamma)))
-        params = sample_params(rng, shift, self.flip, self.rotate)
-        window = augment_region(np.stack([image, target]), params, shift, WINDOW)
+        window = augment_window(self.augmentations[shift], {"image": image[None], "target": target[None]},
+                                seed=int(rng.integers(2**32, dtype=np.uint64)))
         return {
-            "image": torch.from_numpy(window[:1].astype(np.float32)),
-            "target": torch.from_numpy(window[1:].astype(np.float32)),
+            "image": torch.from_numpy(window["image"].astype(np.float32)),
+            "target": torch.from_numpy(window["target"].astype(np.float32)),
             "label": torch.tensor(1.0 if is_cmb else 0.0),
         }

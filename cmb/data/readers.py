@@ -16,14 +16,13 @@ import numpy as np
 from scipy import ndimage
 
 from cmb.data.dicom import read_dicom_series
-from cmb.data.io import check_image_values, is_nifti_name, load_volume, mm_to_vox, nifti_stem, same_grid, to_canonical, vox_to_mm
+from cmb.data.io import CONNECTIVITY_26, check_image_values, is_nifti_name, load_volume, mm_to_vox, nifti_stem, same_grid, to_canonical, vox_to_mm
 from cmb.data.mat import dou_centroids
 from cmb.data.scan import CMBInstance, Scan
 from cmb.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 
 
 class ScanDataset(ABC):

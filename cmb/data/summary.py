@@ -9,18 +9,18 @@ from omegaconf import DictConfig
 
 from cmb.conf_utils import CONFIG_DIR, hydra_entry, instantiate_checked
 from cmb.data.readers import ScanDataset
-from cmb.errors import describe_scan_failure, exit_on_user_error
+from cmb.errors import describe_scan_failure, exit_on_failures, exit_on_user_error
 from cmb.validate import check_command_line
 
 
-def summarize(dataset: ScanDataset) -> tuple[list[str], list[str]]:
-    """(one line per readable scan and the totals, one line per scan that cannot be read)."""
-    lines, errors, n_cmbs = [], [], 0
+def summarize(dataset: ScanDataset) -> tuple[list[str], dict[str, str]]:
+    """(one line per readable scan and the totals, {scan id: why it cannot be read})."""
+    lines, errors, n_cmbs = [], {}, 0
     for scan_id in dataset.scan_ids():
         try:
             scan = dataset.load(scan_id)
         except Exception as err:  # every bad scan is reported, as infer.py does, and the others are still listed
-            errors.append(describe_scan_failure(err, scan_id))
+            errors[scan_id] = describe_scan_failure(err, scan_id)
             continue
         sp = "x".join(f"{s:.3g}" for s in scan.spacing_mm)
         shape = "x".join(str(s) for s in scan.shape)
@@ -36,11 +36,9 @@ def main(cfg: DictConfig) -> None:
     lines, errors = summarize(instantiate_checked(cfg.data))
     for line in lines:
         print(line, flush=True)
-    for line in errors:
+    for line in errors.values():
         print(f"error: {line}", file=sys.stderr, flush=True)
-    if errors:
-        print(f"error: {len(errors)} of {len(errors) + len(lines) - 1} scans cannot be read", file=sys.stderr)
-        sys.exit(2)
+    exit_on_failures(list(errors), len(errors) + len(lines) - 1, "scans cannot be read")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import Logger, WandbLogger
 
 from cmb.data.io import atomic_write_text
 from cmb.errors import DataError
@@ -34,12 +35,20 @@ from cmb.eval.froc import FROCCurve, best_curve_point, choose_operating_point, c
 from cmb.eval.report import plot_froc, report_markdown
 from cmb.eval.run_files import CANDIDATE_DEFINITION, ScanRecord, read_run
 from cmb.eval.scan_metrics import found_cmbs, scan_counts, sensitivity_by_size, valdo_summary
+from cmb.layout import RunLayout
+from cmb.loggers import build_loggers, finish_wandb_run
 
 log = logging.getLogger(__name__)
-SWEEP = np.round(np.arange(0.0, 1.0001, 0.01), 2)
 IN_SAMPLE = "in-sample: threshold chosen on the same out-of-fold predictions it is reported on"
 NESTED = "nested: each fold's threshold chosen on the other folds' out-of-fold predictions, applied to its held-out scans"
 TRANSFER = "transfer: the scored run's own threshold (chosen on its out-of-fold predictions), applied unchanged to this dataset"
+
+
+def threshold_grid(eval_cfg: Any) -> np.ndarray:
+    """The stage-2 thresholds swept for operating points (`eval.thresholds`: start, stop, step; both ends included)."""
+    grid = eval_cfg.get("thresholds") or {}
+    start, stop, step = float(grid.get("start", 0.0)), float(grid.get("stop", 1.0)), float(grid.get("step", 0.01))
+    return np.round(np.arange(start, stop + step / 100, step), 6)
 
 
 def _pooled(records: list[ScanRecord], stage: str) -> tuple[np.ndarray, np.ndarray]:
@@ -80,12 +89,12 @@ def nested_operating_point(records: list[ScanRecord], thresholds: np.ndarray, ta
             "rule": f"highest sensitivity at <= {target_fp:g} FP/scan", "selection": NESTED, "per_fold": per_fold}
 
 
-def keep_rate(records: list[ScanRecord], stage1_threshold: float, thresholds: list[float]) -> dict[str, Any]:
-    """Of the CMBs stage 1 finds at `stage1_threshold`, how many the two-stage result still finds at each
+def keep_rate(records: list[ScanRecord], unet_threshold: float, thresholds: list[float]) -> dict[str, Any]:
+    """Of the CMBs stage 1 finds at `unet_threshold`, how many the two-stage result still finds at each
     scan's threshold: the share of stage 1's work that stage 2 keeps."""
     found, kept = 0, 0
     for r, t in zip(records, thresholds):
-        by_stage1 = found_cmbs(r.stage1.scores, r.stage1.status, stage1_threshold)
+        by_stage1 = found_cmbs(r.stage1.scores, r.stage1.status, unet_threshold)
         found += len(by_stage1)
         kept += len(by_stage1 & found_cmbs(r.two_stage.scores, r.two_stage.status, t))
     return {"found_by_stage1": found, "kept": kept, "rate": kept / found if found else None}
@@ -117,13 +126,17 @@ def _dataset_name(cfg: DictConfig) -> str:
 
 
 def load_run_config(run_dir: Path) -> DictConfig:
-    if not (run_dir / "config.yaml").is_file():
+    path = RunLayout(run_dir).config
+    if not path.is_file():
         raise DataError(run_dir, "not a run folder (no config.yaml)")
-    return OmegaConf.load(run_dir / "config.yaml")  # type: ignore[return-value]
+    cfg = OmegaConf.load(path)
+    if "unet" not in cfg:  # before cmb 0.2 the U-Net's group was `model`, and out-of-fold files were laid out otherwise
+        raise DataError(path, "a run folder of an earlier cmb (no `unet` settings); train it again with this version")
+    return cfg  # type: ignore[return-value]
 
 
 def load_splits(run_dir: Path) -> dict:
-    path = run_dir / "splits.json"
+    path = RunLayout(run_dir).splits
     if not path.is_file():
         raise DataError(run_dir, "not a run folder (no splits.json)")
     try:
@@ -141,16 +154,17 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig | None = None) -> dict[str
     splits = load_splits(run_dir)
     records = read_run(run_dir, splits, cfg)
     n_scans, n_cmbs = len(records), sum(r.n_cmbs for r in records)
-    s1_thr = float(cfg.inference.stage1_threshold)
+    s1_thr = float(cfg.inference.unet_threshold)
     target_fp = float(cfg.eval.target_fp_per_scan)
-    stage1_budget = float(cfg.eval.get("stage1_fp_per_scan", 40.0))
+    stage1_budget = float(cfg.eval.get("unet_fp_per_scan", 40.0))
 
     s1_curve, s2_curve = stage_curve(records, "stage1"), stage_curve(records, "two_stage")
     s1_point = stage_sweep(records, "stage1", np.array([s1_thr]))[0]
-    points = stage_sweep(records, "two_stage", SWEEP)
+    grid = threshold_grid(cfg.eval)
+    points = stage_sweep(records, "two_stage", grid)
     chosen = {**choose_operating_point(points, target_fp), "selection": IN_SAMPLE}
-    nested = nested_operating_point(records, SWEEP, target_fp)
-    transfer = cfg.get("transfer")  # a scored run on another dataset (cmb.eval.transfer): its own threshold, unchanged
+    nested = nested_operating_point(records, grid, target_fp)
+    transfer = cfg.get("transfer")  # a scored run on another dataset (cmb.protocol.transfer): its own threshold, unchanged
     transfer_point = None
     if transfer:
         transfer_point = {**stage_sweep(records, "two_stage", np.array([float(transfer.threshold)]))[0], "selection": TRANSFER,
@@ -188,14 +202,15 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig | None = None) -> dict[str
         by_size["two_stage_nested"] = sensitivity_by_size([(r.diameters_mm, found_cmbs(r.two_stage.scores, r.two_stage.status, t))
                                                            for r, t in zip(records, nested_thr)])
 
-    timing = json.loads((run_dir / "timing.json").read_text()) if (run_dir / "timing.json").is_file() else {}
+    timing_file = RunLayout(run_dir).timing
+    timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
     n_inf = max(1, int(timing.get("n_stage1_scans", 0)))
     best_s1 = {**best_curve_point(s1_curve, stage1_budget), "max_fp_per_scan": stage1_budget, "selection": IN_SAMPLE}
     results = {
         "dataset": {"name": _dataset_name(cfg), "n_scans": n_scans, "n_cmbs": n_cmbs},
         "protocol": {"cv": splits.get("source") if splits.get("source") in ("lotcv", "transfer") else "user_splits",
                      "n_folds": len(splits["folds"]),
-                     "unet_batch_sizes": list(cfg.model.batch_sizes), "cnn_batch_sizes": list(cfg.cnn.batch_sizes),
+                     "unet_batch_sizes": list(cfg.unet.batch_sizes), "cnn_batch_sizes": list(cfg.cnn.batch_sizes),
                      "mining": str(cfg.mining.mode), "seed": splits.get("seed")},
         "candidates": {"definition": CANDIDATE_DEFINITION, "stage1_threshold": s1_thr,
                        "note": "the out-of-fold candidates are the ones infer.py deploys at the same thresholds"},
@@ -222,17 +237,19 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig | None = None) -> dict[str
                      "protocol_wall": timing.get("protocol_wall")},
     }
     results = _json_safe(results)
-    s1_points = stage_sweep(records, "stage1", SWEEP[SWEEP >= s1_thr])
-    atomic_write_text(json.dumps(results, indent=1), run_dir / "results.json")
-    _write_points_csv(run_dir / "operating_points.csv", points, s1_points)
-    plot_froc(s1_curve, s2_curve, run_dir / "froc.png", results, boot)
-    atomic_write_text(report_markdown(results), run_dir / "report.md")
+    s1_points = stage_sweep(records, "stage1", grid[grid >= s1_thr])
+    layout = RunLayout(run_dir)
+    atomic_write_text(json.dumps(results, indent=1), layout.results)
+    _write_points_csv(layout.operating_points, points, s1_points)
+    plot_froc(s1_curve, s2_curve, layout.froc_plot, results, boot)
+    atomic_write_text(report_markdown(results), layout.report)
     if bool(cfg.eval.get("review", True)):
         from cmb.eval.review import write_review
 
         write_review(run_dir, cfg, records, float(results["chosen_operating_point"]["threshold"]))
-    if bool(cfg.eval.get("wandb", True)):
-        _log_wandb(run_dir, results, points)
+    if bool(cfg.eval.get("log", True)):
+        log_evaluation(build_loggers(cfg.get("logger"), layout.root / "logs" / "eval", "eval", run_dir.name), results, points,
+                       layout.froc_plot)
     return results
 
 
@@ -262,20 +279,21 @@ def _write_points_csv(path: Path, two_stage: list[dict], stage1: list[dict]) -> 
     atomic_write_text(buffer.getvalue(), path)
 
 
-def _log_wandb(run_dir: Path, results: dict, points: list[dict]) -> None:
+def log_evaluation(loggers: list[Logger], results: dict, points: list[dict], froc_plot: Path) -> None:
+    """The headline figures through the run's configured loggers; wandb also gets the FROC table and plot."""
+    nested = results.get("nested_operating_point") or {}
+    metrics = {"eval/cpm": results["froc"]["cpm"], "eval/stage1_sensitivity": results["stage1"]["sensitivity"],
+               "eval/stage1_fp_per_scan": results["stage1"]["fp_per_scan"], "eval/nested_sensitivity": nested.get("sensitivity"),
+               "eval/nested_fp_per_scan": nested.get("fp_per_scan")}
+    metrics = {k: float(v) for k, v in metrics.items() if v is not None}
     try:
-        import wandb
-    except ImportError:
-        log.info("wandb not installed; skipping wandb logging")
-        return
-    run = wandb.init(project="cmb", name=f"eval-{run_dir.name}", dir=str(run_dir), mode="offline", reinit=True,
-                     settings=wandb.Settings(silent=True))
-    try:
-        table = wandb.Table(columns=["threshold", "sensitivity", "fp_per_scan", "tp", "fp"],
-                            data=[[p["threshold"], p["sensitivity"], p["fp_per_scan"], p["tp"], p["fp"]] for p in points])
-        nested = results.get("nested_operating_point") or {}
-        run.log({"eval/froc_table": table, "eval/cpm": results["froc"]["cpm"], "eval/stage1_sensitivity": results["stage1"]["sensitivity"],
-                 "eval/stage1_fp_per_scan": results["stage1"]["fp_per_scan"], "eval/nested_sensitivity": nested.get("sensitivity"),
-                 "eval/nested_fp_per_scan": nested.get("fp_per_scan"), "eval/froc": wandb.Image(str(run_dir / "froc.png"))})
+        for logger in loggers:
+            logger.log_metrics(metrics, step=0)
+            if isinstance(logger, WandbLogger):
+                logger.log_table(key="eval/froc_table", columns=["threshold", "sensitivity", "fp_per_scan", "tp", "fp"],
+                                 data=[[p["threshold"], p["sensitivity"], p["fp_per_scan"], p["tp"], p["fp"]] for p in points])
+                logger.log_image(key="eval/froc", images=[str(froc_plot)])
+            logger.save()
+            logger.finalize("success")
     finally:
-        run.finish()
+        finish_wandb_run()

@@ -101,15 +101,19 @@ def _rate_key(rate: float) -> str:
     return f"{rate:g}"
 
 
+def counts_at(scores: np.ndarray, status: np.ndarray, threshold: float) -> tuple[int, int, int]:
+    """(true positives, false positives, detections) among the detections scoring >= `threshold`; `status`
+    from `cmb.eval.matching.assign` (CMB index, FP, or a duplicate on a found CMB, which is neither)."""
+    keep = np.asarray(scores, dtype=float) >= threshold
+    st = np.asarray(status)[keep]
+    return int((st >= 0).sum()), int((st == FP).sum()), int(keep.sum())
+
+
 def sweep(scores: np.ndarray, status: np.ndarray, n_cmbs: int, n_scans: int, thresholds: np.ndarray) -> list[dict]:
     """Operating points at each threshold (ascending): detections with score >= threshold."""
-    scores = np.asarray(scores, dtype=float)
-    status = np.asarray(status)
     out = []
     for t in np.sort(np.asarray(thresholds, dtype=float)):
-        keep = scores >= t
-        tp = int((status[keep] >= 0).sum())
-        fp = int((status[keep] == FP).sum())
+        tp, fp, _ = counts_at(scores, status, t)
         out.append({"threshold": round(float(t), 6), "sensitivity": tp / n_cmbs if n_cmbs else 0.0,
                     "fp_per_scan": fp / n_scans, "tp": tp, "fp": fp})
     return out

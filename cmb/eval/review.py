@@ -18,6 +18,7 @@ from cmb.errors import CMBError
 from cmb.eval.matching import FP
 from cmb.eval.run_files import ScanRecord
 from cmb.eval.scan_metrics import found_cmbs
+from cmb.layout import TRUTH, RunLayout
 
 log = logging.getLogger("cmb")
 
@@ -63,7 +64,7 @@ def write_review(run_dir: Path, cfg: Any, records: list[ScanRecord], threshold: 
         return None
     rows = []
     for record in records:
-        truth = json.loads((Path(run_dir) / f"fold_{record.fold}" / "truth" / f"{record.scan_id}.json").read_text())
+        truth = json.loads(RunLayout(run_dir).scan_file(record.fold, TRUTH, record.scan_id).read_text())
         centroids = np.asarray(truth["centroids_vox"], dtype=float).reshape(-1, 3)
         tiles = review_tiles(record, centroids, threshold)
         try:

@@ -1,8 +1,8 @@
 """Read a run folder's out-of-fold files for evaluation, checking every value on the way in.
 
-Per held-out scan: `fold_<k>/truth/<scan>.json`, `fold_<k>/stage1/<scan>.csv` (stage-1
-candidates, scored by their peak) and `fold_<k>/oof/<scan>.csv` (the same candidates with
-stage-2 scores). A missing, empty, truncated or garbled file, a non-numeric, NaN or
+Per held-out scan: `fold_<k>/truth/<scan>.json`, `fold_<k>/unet_candidates/<scan>.csv` (stage-1
+candidates, scored by their peak) and `fold_<k>/cnn_scores/<scan>.csv` (the same candidates with
+stage-2 scores; names from `cmb.layout`). A missing, empty, truncated or garbled file, a non-numeric, NaN or
 out-of-range score, a `hits` entry naming a CMB the truth does not have, or files written
 under other candidate settings raise `DataError` naming the file, before anything is written.
 """
@@ -20,27 +20,24 @@ import numpy as np
 
 from cmb.errors import DataError
 from cmb.eval.matching import assign
+from cmb.layout import CNN_SCORES, FOLDER_MEMBERS, PAPER_MINING, SETTINGS_FILE, TRUTH, UNET_CANDIDATES, RunLayout
 
 POSITION_COLUMNS = ("i", "j", "k")
-SETTINGS_FILE = "settings.json"  # in fold_<k>/{stage1,oof,paper_mining}: the settings their files came from
-CANDIDATE_DEFINITION = "26-connected components of the combined stage-1 map >= stage1_threshold, score-weighted centroid, peak"
+CANDIDATE_DEFINITION = "26-connected components of the combined stage-1 map >= unet_threshold, score-weighted centroid, peak"
 
 
 def candidate_settings(cfg: Any, folder: str) -> dict[str, Any]:
-    """Settings that a run's out-of-fold files in `folder` (stage1, oof, paper_mining) depend on, besides its members
+    """Settings that a run's out-of-fold files in `folder` (unet_candidates, cnn_scores, paper_mining) depend on, besides its members
     (`folder_settings` adds those)."""
     inf = cfg.inference
-    settings: dict[str, Any] = {"stage1_threshold": float(inf.stage1_threshold), "ensemble_normalize": str(inf.ensemble_normalize),
-                                "stage1_mode": str(inf.stage1.mode), "match_radius_mm": float(cfg.eval.match_radius_mm),
+    settings: dict[str, Any] = {"unet_threshold": float(inf.unet_threshold), "ensemble_normalize": str(inf.ensemble_normalize),
+                                "unet_mode": str(inf.unet.mode), "match_radius_mm": float(cfg.eval.match_radius_mm),
                                 "candidates": CANDIDATE_DEFINITION}
-    if folder == "oof":
-        settings["stage2_tta"] = bool(inf.stage2_tta)
-    if folder == "paper_mining":
+    if folder == CNN_SCORES:
+        settings["cnn_tta"] = bool(inf.cnn_tta)
+    if folder == PAPER_MINING:
         settings["mining_threshold"] = float(cfg.mining.threshold)
     return settings
-
-
-MEMBER_STAGES = {"stage1": ("unet",), "paper_mining": ("unet",), "oof": ("unet", "cnn")}  # the members each folder's files come from
 
 
 def member_digests(fold_dir: Path, folder: str) -> dict[str, str]:
@@ -49,7 +46,7 @@ def member_digests(fold_dir: Path, folder: str) -> dict[str, str]:
     import hashlib
 
     digests = {}
-    for stage in MEMBER_STAGES[folder]:
+    for stage in FOLDER_MEMBERS[folder]:
         for model in sorted(Path(fold_dir).glob(f"{stage}_bs*/model.pt")):
             digests[model.parent.name] = hashlib.sha256(model.read_bytes()).hexdigest()[:16]
     return digests
@@ -192,16 +189,18 @@ def read_run(run_dir: Path, splits: dict, cfg: Any | None = None) -> list[ScanRe
     """One record per held-out scan of every fold (fold order, then the fold's test order); with the run's
     `cfg`, files written under other settings or by other model files are refused (`folder_settings`)."""
     records = []
+    layout = RunLayout(run_dir)
     for fold in splits["folds"]:
-        fdir = run_dir / f"fold_{fold['fold']}"
-        for folder in ("stage1", "oof"):
-            check_settings(fdir / folder, None if cfg is None else folder_settings(cfg, fdir, folder))
+        k = fold["fold"]
+        for folder in (UNET_CANDIDATES, CNN_SCORES):
+            check_settings(layout.fold_folder(k, folder), None if cfg is None else folder_settings(cfg, layout.fold_dir(k), folder))
         for scan_id in fold["test"]:
-            n_cmbs, diameters = read_truth(fdir / "truth" / f"{scan_id}.json")
-            stage1 = _stage(fdir / "stage1" / f"{scan_id}.csv", "peak", n_cmbs)
-            two_stage = _stage(fdir / "oof" / f"{scan_id}.csv", "score", n_cmbs)
+            n_cmbs, diameters = read_truth(layout.scan_file(k, TRUTH, scan_id))
+            candidates, scored = layout.scan_file(k, UNET_CANDIDATES, scan_id), layout.scan_file(k, CNN_SCORES, scan_id)
+            stage1 = _stage(candidates, "peak", n_cmbs)
+            two_stage = _stage(scored, "score", n_cmbs)
             if len(two_stage.scores) != len(stage1.scores) or not np.allclose(two_stage.points, stage1.points):
-                raise DataError(fdir / "oof" / f"{scan_id}.csv", f"does not score the {len(stage1.scores)} stage-1 candidates of "
-                                f"{fdir / 'stage1' / scan_id}.csv; delete it and re-run train.py to recompute it")
+                raise DataError(scored, f"does not score the {len(stage1.scores)} stage-1 candidates of {candidates}; delete it and "
+                                "re-run train.py to recompute it")
             records.append(ScanRecord(scan_id, int(fold["fold"]), n_cmbs, diameters, stage1, two_stage))
     return records

@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from cmb.eval.matching import FP
+from cmb.eval.froc import counts_at
 
 SIZE_BINS: tuple[tuple[str, float, float], ...] = (("< 3 mm", 0.0, 3.0), ("3-5 mm", 3.0, 5.0), ("> 5 mm", 5.0, math.inf))
 UNKNOWN_SIZE = "unknown (centroid-only truth)"
@@ -23,9 +23,7 @@ UNKNOWN_SIZE = "unknown (centroid-only truth)"
 
 def scan_counts(scores: np.ndarray, status: np.ndarray, n_cmbs: int, threshold: float) -> dict:
     """TP, FP (FROC sense), duplicates and the VALDO figures of one scan at `threshold`."""
-    keep = np.asarray(scores) >= threshold
-    st = np.asarray(status)[keep]
-    tp, fp, n_det = int((st >= 0).sum()), int((st == FP).sum()), int(keep.sum())
+    tp, fp, n_det = counts_at(scores, status, threshold)
     duplicates = n_det - tp - fp
     precision = tp / n_det if n_det else math.nan
     recall = tp / n_cmbs if n_cmbs else math.nan

@@ -1,8 +1,8 @@
 """Candidates: connected components of a thresholded probability map.
 
 `extract_candidates` is the one definition of a stage-1 candidate used everywhere: out-of-fold
-detection and `infer.py` (at `inference.stage1_threshold`), mimic mining (at
-`mining.threshold`) and the U-Nets' hard-negative round (at `model.refine.threshold`) all call
+detection and `infer.py` (at `inference.unet_threshold`), mimic mining (at
+`mining.threshold`) and the U-Nets' hard-negative round (at `unet.refine.threshold`) all call
 it on the combined (or one member's) map. A candidate is one 26-connected component of
 `map >= threshold`, placed at its score-weighted centroid, scored by its peak.
 """
@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from cmb.data.io import vox_to_mm
+from cmb.data.io import CONNECTIVITY_26, vox_to_mm
 
-CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 
 
 @dataclass

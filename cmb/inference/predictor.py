@@ -29,8 +29,9 @@ from cmb.data.scan import Scan
 from cmb.errors import ConfigError, DataError
 from cmb.eval.matching import detection_order
 from cmb.inference.candidates import Candidate, extract_candidates
-from cmb.inference.stage1 import Stage1InferenceConfig, ensemble_probability
-from cmb.inference.stage2 import score_candidates
+from cmb.inference.unet_map import UNetMapConfig, ensemble_probability
+from cmb.inference.cnn_scores import score_candidates
+from cmb.layout import FINAL, MemberFiles, RunLayout, member_name
 from cmb.models.checkpoint import load_model
 
 log = logging.getLogger(__name__)
@@ -59,12 +60,13 @@ def resolve_members(model_dir: Path, fold: str | int | None) -> tuple[Path, str]
     """The fold folder whose members are used: `fold_final` by default, else the fold asked for."""
     if not model_dir.is_dir():
         raise DataError(model_dir, "model_dir does not exist")
+    layout = RunLayout(model_dir)
     if fold is None:
-        fold = "final" if (model_dir / "fold_final").is_dir() else None
+        fold = FINAL if layout.fold_dir(FINAL).is_dir() else None
         if fold is None:
-            folds = sorted(p.name for p in model_dir.glob("fold_*"))
-            raise ConfigError(f"{model_dir}: no fold_final models (protocol.train_final=false?); pass fold=K, one of {folds}")
-    folder = model_dir / f"fold_{fold}"
+            raise ConfigError(f"{model_dir}: no {layout.fold_dir(FINAL).name} models (protocol.train_final=false?); pass fold=K, one of "
+                              f"{layout.fold_names()}")
+    folder = layout.fold_dir(fold)
     if not folder.is_dir():
         raise DataError(folder, "no such fold in this run")
     return folder, str(fold)
@@ -74,26 +76,28 @@ class Predictor:
     """Loads a run's U-Nets and CNNs once and detects CMBs on scans."""
 
     def __init__(self, model_dir: str | Path, fold: str | int | None = None, threshold: float | None = None,
-                 stage1_mode: str | None = None, cache_dir: str | Path | None = None, device: str | None = None,
+                 unet_mode: str | None = None, cache_dir: str | Path | None = None, device: str | None = None,
                  progress: bool = True) -> None:
         self.model_dir = Path(model_dir)
-        cfg_path = self.model_dir / "config.yaml"
+        cfg_path = RunLayout(self.model_dir).config
         if not cfg_path.is_file():
             raise DataError(self.model_dir, "not a run folder (no config.yaml)")
         self.run_cfg: DictConfig = OmegaConf.load(cfg_path)  # type: ignore[assignment]
+        if "unet" not in self.run_cfg:  # before cmb 0.2 the U-Net's group was `model`, and its run folders were laid out otherwise
+            raise DataError(cfg_path, "a run folder of an earlier cmb (no `unet` settings); train it again with this version")
         folder, self.fold = resolve_members(self.model_dir, fold)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.unets = [self._load(folder / f"unet_bs{bs}" / "model.pt", "unet") for bs in self.run_cfg.model.batch_sizes]
-        self.cnns = [self._load(folder / f"cnn_bs{bs}" / "model.pt", "cnn") for bs in self.run_cfg.cnn.batch_sizes]
+        self.unets = [self._load(MemberFiles(folder / member_name("unet", bs)).model, "unet") for bs in self.run_cfg.unet.batch_sizes]
+        self.cnns = [self._load(MemberFiles(folder / member_name("cnn", bs)).model, "cnn") for bs in self.run_cfg.cnn.batch_sizes]
         self.threshold = self._threshold(threshold)
         self.pre_cfg = PreprocessConfig.from_settings(self.run_cfg.preprocess, cfg_path)  # values only, never instantiate()
         if self.pre_cfg.mask in ("deepbet", "hdbet"):  # the run's mask method must run here too: refuse before any scan
             brain_mask_method(self.pre_cfg.mask, False, self.pre_cfg.hdbet_weights)
-        self.stage1_cfg = Stage1InferenceConfig.from_cfg(self.run_cfg.inference.stage1)
-        if stage1_mode:
-            self.stage1_cfg.mode = stage1_mode
-        self.stage1_cfg.progress = progress
-        self.stage1_threshold = float(self.run_cfg.inference.stage1_threshold)
+        self.unet_cfg = UNetMapConfig.from_cfg(self.run_cfg.inference.unet)
+        if unet_mode:
+            self.unet_cfg.mode = unet_mode
+        self.unet_cfg.progress = progress
+        self.unet_threshold = float(self.run_cfg.inference.unet_threshold)
         self.cache_dir = cache_dir
 
     def _load(self, path: Path, stage: str) -> torch.nn.Module:
@@ -117,15 +121,15 @@ class Predictor:
     def score_scan(self, scan: Scan) -> tuple[np.ndarray, list[Candidate], list[Candidate], dict[str, float]]:
         """Both stages on one scan: (combined stage-1 map (I, J, K) on the canonical grid, the stage-1
         candidates, the same candidates with stage-2 scores, seconds per step). The same candidates and
-        scores as a run's out-of-fold files (cmb.pipeline: stage1_heldout, stage2_heldout)."""
+        scores as a run's out-of-fold files (cmb.protocol.detection)."""
         t0 = time.perf_counter()
         pre = preprocess_scan(scan, self.pre_cfg, self.cache_dir)
         t1 = time.perf_counter()
         image, mask = np.asarray(pre.image), np.asarray(pre.mask)
-        prob = ensemble_probability(self.unets, image, mask, self.stage1_cfg, str(self.run_cfg.inference.ensemble_normalize), self.device)
-        cands = extract_candidates(prob, self.stage1_threshold, scan.affine, scan.scan_id)
+        prob = ensemble_probability(self.unets, image, mask, self.unet_cfg, str(self.run_cfg.inference.ensemble_normalize), self.device)
+        cands = extract_candidates(prob, self.unet_threshold, scan.affine, scan.scan_id)
         t2 = time.perf_counter()
-        scored = score_candidates(self.cnns, image, cands, tta=bool(self.run_cfg.inference.stage2_tta), device=self.device)
+        scored = score_candidates(self.cnns, image, cands, tta=bool(self.run_cfg.inference.cnn_tta), device=self.device)
         t3 = time.perf_counter()
         return prob, cands, scored, {"preprocess": t1 - t0, "stage1": t2 - t1, "stage2": t3 - t2}
 

@@ -10,7 +10,7 @@ which a healthy member scores ~1.0.
 The same scores guard the hard-negative round (`replay_weights`): trained on its own false
 positives, a member can unlearn a training CMB that looks like them (paper preset, seed 1: a
 2 mm CMB on the rim of an iron-dark nucleus, 0.57-1.0 before the round, <= 0.1 after it in 11
-of the 14 members that trained on it); with `model.refine.replay` the round draws such CMBs more often.
+of the 14 members that trained on it); with `unet.refine.replay` the round draws such CMBs more often.
 """
 
 from __future__ import annotations

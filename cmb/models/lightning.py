@@ -11,25 +11,38 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
+from torchmetrics.classification import MulticlassAccuracy
 
 from cmb.data.patches import PatchDataset, TrainingVolume
 
 
+LRSchedule = Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, max_steps: int, final_lr_fraction: float = 0.05) -> torch.optim.lr_scheduler.LRScheduler:
+    """Cosine decay per step from the optimizer's learning rate to `final_lr_fraction` of it at `max_steps`
+    (the `lr_schedule` of conf/unet and conf/cnn)."""
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, max_steps), eta_min=optimizer.defaults["lr"] * final_lr_fraction)
+
+
 class _PatchModule(pl.LightningModule):
-    """Shared optimizer set-up: `optimizer` is a partial (params -> Optimizer); cosine decay to `max_steps`.
+    """Shared optimizer set-up: `optimizer` is a partial (params -> Optimizer), `lr_schedule` a partial
+    (optimizer, max_steps) -> scheduler stepped every training step.
 
     `channels_last`: train in the channels-last 3D memory layout (weights and batches), which
     oneDNN's CPU convolutions run ~1.6x faster for the U-Net (benchmarks/RESULTS.md); the
     values are the same up to floating-point summation order.
     """
 
-    def __init__(self, net: nn.Module, optimizer: Callable[..., torch.optim.Optimizer], max_steps: int, channels_last: bool = False) -> None:
+    def __init__(self, net: nn.Module, optimizer: Callable[..., torch.optim.Optimizer], max_steps: int, lr_schedule: LRSchedule | None = None,
+                 channels_last: bool = False) -> None:
         super().__init__()
         self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
         self.net = net.to(memory_format=self.memory_format)
         self.optimizer_factory = optimizer
+        self.lr_schedule = lr_schedule or cosine_schedule
         self.max_steps = max_steps
-        self.save_hyperparameters(ignore=["net", "optimizer", "loss"])
+        self.save_hyperparameters(ignore=["net", "optimizer", "loss", "lr_schedule"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -40,16 +53,16 @@ class _PatchModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         opt = self.optimizer_factory(self.net.parameters())
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.max_steps), eta_min=opt.defaults["lr"] * 0.05)
+        sched = self.lr_schedule(opt, self.max_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-class Stage1Module(_PatchModule):
+class UNetModule(_PatchModule):
     """U-Net on (N, 1, 20, 20, 16) windows against voxel targets; `loss(logits, target)`."""
 
     def __init__(self, net: nn.Module, loss: nn.Module, optimizer: Callable[..., torch.optim.Optimizer], max_steps: int,
-                 channels_last: bool = False) -> None:
-        super().__init__(net, optimizer, max_steps, channels_last)
+                 lr_schedule: LRSchedule | None = None, channels_last: bool = False) -> None:
+        super().__init__(net, optimizer, max_steps, lr_schedule, channels_last)
         self.loss = loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -59,21 +72,22 @@ class Stage1Module(_PatchModule):
         return loss
 
 
-class Stage2Module(_PatchModule):
+class CNNModule(_PatchModule):
     """Discriminator on (N, 1, 20, 20, 16) patches; labels (N,) 1 = CMB, 0 = mimic/negative."""
 
-    def __init__(self, net: nn.Module, optimizer: Callable[..., torch.optim.Optimizer], max_steps: int, label_smoothing: float = 0.0,
-                 channels_last: bool = False) -> None:
-        super().__init__(net, optimizer, max_steps, channels_last)
+    def __init__(self, net: nn.Module, optimizer: Callable[..., torch.optim.Optimizer], max_steps: int, lr_schedule: LRSchedule | None = None,
+                 label_smoothing: float = 0.0, channels_last: bool = False) -> None:
+        super().__init__(net, optimizer, max_steps, lr_schedule, channels_last)
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.train_acc = MulticlassAccuracy(num_classes=2, average="micro")
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self.net(self.batch_images(batch))
         labels = batch["label"].long()
         loss = self.loss(logits, labels)
-        acc = (logits.argmax(1) == labels).float().mean()
+        self.train_acc(logits, labels)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
-        self.log("train/acc", acc, batch_size=len(logits))
+        self.log("train/acc", self.train_acc, batch_size=len(logits))
         return loss
 
 

@@ -125,7 +125,7 @@ class UNet3D(nn.Module):
     poolings. Fully convolutional: any input whose sides divide by 2**(len(channels)-1)
     works. `receptive_field` (voxels per axis) says how far an output voxel looks; keep it
     near the 20x20x16 training window, or whole-scan tiles show a member context it never
-    saw in training (conf/model/unet.yaml uses one pooling: 18 voxels of convolutions).
+    saw in training (conf/unet/default.yaml uses one pooling: 18 voxels of convolutions).
     `local_contrast` (a box side per axis, voxels) adds the input over its local mean as a
     channel (`LocalContrast`); `blob_contrast` likewise the input over its closing
     (`DarkBlobContrast`).
@@ -182,7 +182,7 @@ class UNet3D(nn.Module):
             x = self.local_contrast(x)  # in the input's precision: a ratio of intensities
         if self.blob_contrast is not None:
             x = torch.cat([x, self.blob_contrast(image)], dim=1)
-        x = x.to(self.head.weight.dtype)  # a bf16 prediction copy (cmb.inference.stage1.inference_net) takes fp32 scans
+        x = x.to(self.head.weight.dtype)  # a bf16 prediction copy (cmb.inference.unet_map.inference_net) takes fp32 scans
         skips = []
         for i, enc in enumerate(self.encoders):
             x = enc(x)

@@ -9,7 +9,7 @@ candidates and both ensembles). The result is a run folder of one fold holding e
 
 - `config.yaml`: the scored run's settings with the new `data` and a `transfer` block (the run
   scored, its members, the threshold it chose on its own out-of-fold data);
-- `splits.json` (one fold), `fold_0/{truth,stage1,oof}/` (the files of a held-out fold) and
+- `splits.json` (one fold), `fold_0/{truth,unet_candidates,cnn_scores}/` (the files of a held-out fold) and
   `fold_0/<member>` links to the scored run's members, whose checksums stamp the files;
 - `results.json`/`report.md` with `transfer_operating_point`: the scored run's own threshold
   applied unchanged, the figure to quote. The in-sample point chooses its threshold on the new
@@ -29,8 +29,11 @@ from omegaconf import DictConfig, OmegaConf
 from cmb.conf_utils import instantiate_checked, write_config_and_metadata
 from cmb.data.io import atomic_write_text, require_writable
 from cmb.errors import ConfigError, DataError
-from cmb.eval.run_files import SETTINGS_FILE, folder_settings
+from cmb.eval.run_files import folder_settings
 from cmb.inference.candidates import write_candidates
+from cmb.layout import CNN_SCORES, SETTINGS_FILE, TRUTH, UNET_CANDIDATES, RunLayout
+from cmb.protocol.detection import hits_column, write_truth_file
+from cmb.protocol.mining import scan_truth
 
 log = logging.getLogger(__name__)
 FOLD = 0
@@ -43,7 +46,7 @@ def transfer_config(cfg: DictConfig, source_cfg: DictConfig, model_dir: Path, me
         out[key] = OmegaConf.to_container(cfg[key], resolve=True) if isinstance(cfg[key], DictConfig) else cfg[key]
     out.stage = "score"
     out.protocol = {**OmegaConf.to_container(source_cfg.get("protocol", {}), resolve=True), "train_final": False}  # type: ignore[dict-item]
-    out.transfer = {"model_dir": str(model_dir.resolve()), "members": f"fold_{members_fold}", "threshold": float(threshold),
+    out.transfer = {"model_dir": str(model_dir.resolve()), "members": RunLayout(model_dir).fold_dir(members_fold).name, "threshold": float(threshold),
                     "source_dataset": OmegaConf.to_container(source_cfg.data, resolve=True)}
     return out  # type: ignore[return-value]
 
@@ -52,7 +55,6 @@ def score_run(cfg: DictConfig) -> dict[str, Any]:
     """`train.py stage=score`: score `cfg.model_dir` on `cfg.data` into `cfg.paths.run_dir`; returns results.json's dict."""
     from cmb.eval.evaluate import evaluate_run, load_run_config
     from cmb.inference.predictor import Predictor
-    from cmb.pipeline import hits_column, scan_truth, write_truth_file
 
     if not cfg.get("model_dir"):
         raise ConfigError("stage=score needs model_dir=RUN_DIR (a finished run to score on data=...)")
@@ -63,45 +65,46 @@ def score_run(cfg: DictConfig) -> dict[str, Any]:
     if out_dir.resolve() == model_dir.resolve():
         raise ConfigError(f"{out_dir}: the scores go into a new run folder; pass name=... other than the scored run's")
     tcfg = transfer_config(cfg, source_cfg, model_dir, predictor.fold, predictor.threshold)
-    if (out_dir / "config.yaml").is_file():
-        saved = OmegaConf.load(out_dir / "config.yaml")
+    if RunLayout(out_dir).config.is_file():
+        saved = OmegaConf.load(RunLayout(out_dir).config)
         if OmegaConf.to_container(saved.get("transfer", {}), resolve=True) != OmegaConf.to_container(tcfg.transfer, resolve=True) or \
                 OmegaConf.to_container(saved.data, resolve=True) != OmegaConf.to_container(tcfg.data, resolve=True):
             raise ConfigError(f"{out_dir}: holds another run or another scoring; use a new name=... (nothing was written)")
     require_writable(out_dir, "run folder")
     dataset = instantiate_checked(cfg.data)
     scan_ids = dataset.scan_ids()
-    fold_dir = out_dir / f"fold_{FOLD}"
+    layout = RunLayout(out_dir)
+    fold_dir = layout.fold_dir(FOLD)
     fold_dir.mkdir(parents=True, exist_ok=True)
-    source_members = model_dir / f"fold_{predictor.fold}"
+    source_members = RunLayout(model_dir).fold_dir(predictor.fold)
     for member in sorted(p.name for p in source_members.glob("*_bs*") if (p / "model.pt").is_file()):
         link = fold_dir / member
         if not link.exists():
             link.symlink_to((source_members / member).resolve(), target_is_directory=True)
     write_config_and_metadata(out_dir, tcfg, n_folds=1)
     splits = {"seed": int(cfg.seed), "source": "transfer", "scan_ids": scan_ids, "folds": [{"fold": FOLD, "test": scan_ids}]}
-    atomic_write_text(json.dumps(splits, indent=1), out_dir / "splits.json")
-    folders = {name: fold_dir / name for name in ("stage1", "oof", "truth")}
-    for name in ("stage1", "oof"):
+    atomic_write_text(json.dumps(splits, indent=1), layout.splits)
+    folders = {name: layout.fold_folder(FOLD, name) for name in (UNET_CANDIDATES, CNN_SCORES, TRUTH)}
+    for name in (UNET_CANDIDATES, CNN_SCORES):
         folders[name].mkdir(parents=True, exist_ok=True)
         atomic_write_text(json.dumps(folder_settings(tcfg, fold_dir, name), indent=1), folders[name] / SETTINGS_FILE)
     radius = float(tcfg.eval.match_radius_mm)
     timing = {"stage1_inference": 0.0, "stage2_inference": 0.0, "preprocess": 0.0, "n_stage1_scans": 0}
     for n, scan_id in enumerate(scan_ids, start=1):
-        if all((folders[f] / f"{scan_id}.{'json' if f == 'truth' else 'csv'}").is_file() for f in folders):
+        if all(layout.scan_file(FOLD, f, scan_id).is_file() for f in folders):
             continue
         scan = dataset.load(scan_id)
         _, cands, scored, seconds = predictor.score_scan(scan)
         hits = hits_column(np.array([c.voxel for c in cands]).reshape(-1, 3), scan_truth(scan), radius)
-        write_candidates(cands, folders["stage1"] / f"{scan_id}.csv", {"hits": hits})
-        write_candidates(scored, folders["oof"] / f"{scan_id}.csv", {"hits": hits})
-        write_truth_file(folders["truth"] / f"{scan_id}.json", scan, FOLD)
+        write_candidates(cands, layout.scan_file(FOLD, UNET_CANDIDATES, scan_id), {"hits": hits})
+        write_candidates(scored, layout.scan_file(FOLD, CNN_SCORES, scan_id), {"hits": hits})
+        write_truth_file(layout.scan_file(FOLD, TRUTH, scan_id), scan, FOLD)
         timing["preprocess"] += seconds["preprocess"]
         timing["stage1_inference"] += seconds["stage1"]
         timing["stage2_inference"] += seconds["stage2"]
         timing["n_stage1_scans"] += 1
         log.info("scored %s (%d/%d): %d candidates", scan_id, n, len(scan_ids), len(cands))
-    atomic_write_text(json.dumps(timing, indent=1), out_dir / "timing.json")
+    atomic_write_text(json.dumps(timing, indent=1), layout.timing)
     if not scan_ids:
         raise DataError(out_dir, "the dataset to score has no scans")
     return evaluate_run(out_dir, tcfg)

@@ -30,7 +30,7 @@ STRIDE3_OVERLAP = (0.825, 0.825, 0.78125)
 
 
 @dataclass
-class Stage1InferenceConfig:
+class UNetMapConfig:
     mode: str = "fast"  # fast | faithful
     tile: tuple[int, int, int] = (256, 256, 152)  # fast mode: largest tile (voxels); see balanced_tiles
     tile_overlap: float = 0.1
@@ -40,7 +40,7 @@ class Stage1InferenceConfig:
     progress: bool = True
 
     @classmethod
-    def from_cfg(cls, node) -> "Stage1InferenceConfig":  # noqa: ANN001 (an OmegaConf node: inference.stage1)
+    def from_cfg(cls, node) -> "UNetMapConfig":  # noqa: ANN001 (an OmegaConf node: inference.unet)
         from omegaconf import OmegaConf
 
         return cls(**OmegaConf.to_container(node, resolve=True))  # type: ignore[arg-type]
@@ -112,7 +112,7 @@ def inference_net(net: nn.Module, dtype: torch.dtype = torch.float32, channels_l
     return net.to(memory_format=torch.channels_last_3d) if channels_last else net
 
 
-def inference_settings(cfg: Stage1InferenceConfig, device: torch.device) -> tuple[torch.dtype, bool]:
+def inference_settings(cfg: UNetMapConfig, device: torch.device) -> tuple[torch.dtype, bool]:
     """(weights dtype, channels-last) of the prediction copy that `predict_probability` runs for `cfg`."""
     dtype = torch.bfloat16 if _use_bf16(cfg.bf16, device) else torch.float32
     return dtype, cfg.mode == "fast" and device.type == "cpu"
@@ -142,14 +142,14 @@ def balanced_tiles(size: tuple[int, ...], max_tile: tuple[int, int, int], overla
 
 
 @torch.no_grad()
-def predict_probability(net: nn.Module, image: np.ndarray, mask: np.ndarray, cfg: Stage1InferenceConfig | None = None,
+def predict_probability(net: nn.Module, image: np.ndarray, mask: np.ndarray, cfg: UNetMapConfig | None = None,
                         device: str | torch.device = "cpu") -> np.ndarray:
     """CMB probability map of one U-Net over a scan.
 
     image: float32 (I, J, K) normalized scan; mask: bool (I, J, K) brain mask.
     Returns float32 (I, J, K) in [0, 1], 0 outside the brain mask.
     """
-    cfg = cfg or Stage1InferenceConfig()
+    cfg = cfg or UNetMapConfig()
     device = torch.device(device)
     box = brain_bbox(mask, cfg.margin)
     crop = torch.from_numpy(np.array(image[box], dtype=np.float32))[None, None].to(device)
@@ -171,7 +171,7 @@ def predict_probability(net: nn.Module, image: np.ndarray, mask: np.ndarray, cfg
     return out
 
 
-def ensemble_probability(nets: list[nn.Module], image: np.ndarray, mask: np.ndarray, cfg: Stage1InferenceConfig,
+def ensemble_probability(nets: list[nn.Module], image: np.ndarray, mask: np.ndarray, cfg: UNetMapConfig,
                          normalize: str = "mean", device: str | torch.device = "cpu") -> np.ndarray:
     """The stage-1 ensemble's map: each member's map (predict_probability), combined (combine_maps)."""
     return combine_maps([predict_probability(n, image, mask, cfg, device) for n in nets], normalize)

@@ -6,7 +6,7 @@ import torch
 from scipy import ndimage
 
 from cmb.inference.candidates import extract_candidates, read_candidates, write_candidates
-from cmb.inference.stage1 import STRIDE3_OVERLAP, Stage1InferenceConfig, balanced_tiles, combine_maps, inference_net, predict_probability
+from cmb.inference.unet_map import STRIDE3_OVERLAP, UNetMapConfig, balanced_tiles, combine_maps, inference_net, predict_probability
 from cmb.models.unet import UNet3D
 
 
@@ -39,8 +39,8 @@ def test_fast_and_faithful_agree_on_planted_cmb() -> None:
     image, mask, centre = _volume_with_cmb()
     net = DarkSpotNet()
     # tiles smaller than the brain box (68x64x48 with margin) in two axes: blending is exercised
-    fast = predict_probability(net, image, mask, Stage1InferenceConfig(mode="fast", tile=(48, 48, 48), tile_overlap=0.25, bf16="off", progress=False))
-    slow = predict_probability(net, image, mask, Stage1InferenceConfig(mode="faithful", bf16="off", progress=False))
+    fast = predict_probability(net, image, mask, UNetMapConfig(mode="fast", tile=(48, 48, 48), tile_overlap=0.25, bf16="off", progress=False))
+    slow = predict_probability(net, image, mask, UNetMapConfig(mode="faithful", bf16="off", progress=False))
     assert fast.shape == slow.shape == image.shape
     assert np.all(fast[~mask] == 0) and 0 <= fast.min() and fast.max() <= 1
     for prob in (fast, slow):  # both modes find the planted CMB, and only it
@@ -57,11 +57,11 @@ def test_fast_mode_runs_a_unet_on_tiles_with_bf16_fallback() -> None:
     image, mask, _ = _volume_with_cmb()
     net = UNet3D(channels=(4, 8, 16)).eval()
     for bf16 in ("off", "auto"):
-        prob = predict_probability(net, image, mask, Stage1InferenceConfig(mode="fast", tile=(32, 32, 32), bf16=bf16, progress=False))
+        prob = predict_probability(net, image, mask, UNetMapConfig(mode="fast", tile=(32, 32, 32), bf16=bf16, progress=False))
         assert prob.shape == image.shape and prob.dtype == np.float32
         assert np.all(prob[~mask] == 0) and 0 <= prob.min() and prob.max() <= 1
     with pytest.raises(ValueError, match="'fast' or 'faithful'"):
-        predict_probability(net, image, mask, Stage1InferenceConfig(mode="quick", progress=False))
+        predict_probability(net, image, mask, UNetMapConfig(mode="quick", progress=False))
 
 
 def test_combine_maps_mean_and_max() -> None:
@@ -134,7 +134,7 @@ def test_inference_copy_folds_batch_norm_without_changing_the_net_or_its_output(
 
 
 def test_brain_bbox_from_projections_and_prepared_copies_are_reused() -> None:
-    from cmb.inference.stage1 import brain_bbox
+    from cmb.inference.unet_map import brain_bbox
 
     mask = np.zeros((30, 20, 10), bool)
     mask[5:9, 2:3, 7:10] = True
