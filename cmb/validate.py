@@ -102,6 +102,10 @@ def check_train(cfg: DictConfig) -> None:
         raise ConfigError(f"eval.thresholds: start ({_get(cfg, 'eval.thresholds.start')}) must be below stop "
                           f"({_get(cfg, 'eval.thresholds.stop')})")
     brain_mask(cfg)
+    spacing = _get(cfg, "preprocess.spacing")
+    if spacing is not None and spacing != "median" and (isinstance(spacing, str) or len(spacing) != 3 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in spacing)):
+        raise ConfigError(f"preprocess.spacing={spacing!r} is not allowed: three voxel sizes in mm > 0 (i, j, k), median or null")
 
 
 def brain_mask(cfg: DictConfig) -> None:

@@ -27,7 +27,8 @@ from monai.transforms import Compose, MapTransform
 from scipy import ndimage
 
 from cmb.conf_utils import refuse_code
-from cmb.data.io import load_volume, to_canonical
+from cmb.data.io import load_volume, same_grid, to_canonical
+from cmb.data.resample import resample_to_grid
 from cmb.data.scan import Scan
 from cmb.errors import ConfigError, DataError
 from cmb.validate import MASK_METHODS
@@ -49,11 +50,17 @@ class PreprocessConfig:
     n4_iterations: tuple[int, ...] = (50, 50, 30)
     histogram_bins: int = 256
     target_peak: float = 0.5
+    spacing: tuple[float, float, float] | None = None  # working voxel size in mm (cmb.data.resample); None: each scan's own
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.mask not in MASK_METHODS:
             raise ConfigError(f"preprocess.mask={self.mask!r} is not allowed: one of {', '.join(MASK_METHODS)}")
+        if self.spacing is not None:
+            values = list(self.spacing) if not isinstance(self.spacing, str) else []
+            if len(values) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values):
+                raise ConfigError(f"preprocess.spacing={self.spacing!r} is not allowed: three voxel sizes in mm > 0, or null")
+            object.__setattr__(self, "spacing", tuple(float(v) for v in values))
 
     @classmethod
     def from_settings(cls, settings: Any, source: str | Path) -> "PreprocessConfig":
@@ -334,7 +341,8 @@ def _cache_key(scan: Scan, cfg: PreprocessConfig, mask_method: str) -> str:
         return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
 
     # the method actually used, not `auto`: installing HD-BET must not serve the threshold masks cached before
-    payload = {"v": CACHE_VERSION, "image": stat(scan.path), "mask": stat(scan.mask_path), "cfg": asdict(cfg), "mask_method": mask_method}
+    settings = {k: v for k, v in asdict(cfg).items() if not (k == "spacing" and v is None)}  # keys of entries from before the option
+    payload = {"v": CACHE_VERSION, "image": stat(scan.path), "mask": stat(scan.mask_path), "cfg": settings, "mask_method": mask_method}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -392,7 +400,10 @@ def preprocess_scan(scan: Scan, cfg: PreprocessConfig, cache_dir: str | Path | N
     user_mask = None
     if scan.mask_path is not None:
         raw, affine = load_volume(scan.mask_path, what="brain mask")
-        user_mask = to_canonical(raw, affine)[0] > 0
+        canonical, mask_affine, _ = to_canonical(raw, affine)
+        user_mask = canonical > 0
+        if user_mask.shape != scan.shape or not same_grid(mask_affine, scan.affine):  # a scan resampled to the working voxel size
+            user_mask = resample_to_grid(user_mask.astype(np.uint8), mask_affine, scan.affine, scan.shape, order=0) > 0
     data = {"image": scan.image, "mask": user_mask, "spacing": scan.spacing_mm, "affine": scan.affine, "scan_id": scan.scan_id, "path": scan.path}
     out = preprocessing_chain(cfg, mask_method)(data)
     image, mask = out["image"].astype(np.float32), out["mask"].astype(bool)

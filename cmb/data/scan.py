@@ -35,6 +35,8 @@ class Scan:
     source_affine / source_shape / to_canonical: the file's own grid and the nibabel
         orientation transform used, so outputs can be mapped back.
     slice_uids: for a DICOM series, the SOP Instance UID of each slice k of the source grid.
+    native_affine / native_shape: the canonical grid before resampling to a working voxel size
+        (cmb.data.resample.working_scan); None when the scan is on its own grid.
     """
 
     scan_id: str
@@ -49,6 +51,8 @@ class Scan:
     source_shape: tuple[int, ...] | None = None
     to_canonical: np.ndarray | None = None
     slice_uids: list[str] | None = None  # DICOM input: SOP Instance UID of each source slice k
+    native_affine: np.ndarray | None = None
+    native_shape: tuple[int, ...] | None = None
 
     @property
     def spacing_mm(self) -> tuple[float, float, float]:

@@ -18,6 +18,7 @@ from cmb.errors import CMBError
 from cmb.eval.matching import FP
 from cmb.eval.run_files import ScanRecord
 from cmb.eval.scan_metrics import found_cmbs
+from cmb.data.resample import working_scan
 from cmb.layout import TRUTH, RunLayout
 
 log = logging.getLogger("cmb")
@@ -48,6 +49,11 @@ def review_tiles(record: ScanRecord, centroids: np.ndarray, threshold: float, n_
     return tiles
 
 
+def _working_spacing(cfg: Any) -> tuple[float, float, float] | None:
+    spacing = (cfg.get("preprocess") or {}).get("spacing")
+    return None if spacing is None else tuple(float(v) for v in spacing)  # type: ignore[return-value]
+
+
 def write_review(run_dir: Path, cfg: Any, records: list[ScanRecord], threshold: float) -> Path | None:
     """Write `run_dir`/review/<scan>.png and review/index.html; None (with a warning) when the run's scans
     cannot be read any more (moved or deleted data): the evaluation itself does not need them."""
@@ -68,7 +74,7 @@ def write_review(run_dir: Path, cfg: Any, records: list[ScanRecord], threshold: 
         centroids = np.asarray(truth["centroids_vox"], dtype=float).reshape(-1, 3)
         tiles = review_tiles(record, centroids, threshold)
         try:
-            scan = dataset.load(record.scan_id)
+            scan = working_scan(dataset.load(record.scan_id), _working_spacing(cfg))  # the grid the run's files are on
         except (CMBError, OSError) as err:
             log.warning("review/%s.png not written: %s", record.scan_id, err)
             continue

@@ -25,6 +25,7 @@ from cmb.data.dicom import is_dicom_folder
 from cmb.data.io import from_canonical, input_id, is_nifti_name, mm_to_vox, vox_to_mm
 from cmb.data.preprocess import PreprocessConfig, brain_mask_method, preprocess_scan
 from cmb.data.readers import build_scan
+from cmb.data.resample import to_native_grid, working_scan
 from cmb.data.scan import Scan
 from cmb.errors import ConfigError, DataError
 from cmb.eval.matching import detection_order
@@ -118,11 +119,12 @@ class Predictor:
                  chosen.get("rule", ""))
         return float(chosen["threshold"])
 
-    def score_scan(self, scan: Scan) -> tuple[np.ndarray, list[Candidate], list[Candidate], dict[str, float]]:
-        """Both stages on one scan: (combined stage-1 map (I, J, K) on the canonical grid, the stage-1
-        candidates, the same candidates with stage-2 scores, seconds per step). The same candidates and
-        scores as a run's out-of-fold files (cmb.protocol.detection)."""
+    def score_scan(self, scan: Scan) -> tuple[Scan, np.ndarray, list[Candidate], list[Candidate], dict[str, float]]:
+        """Both stages on one scan: (the scan on the run's working grid (`preprocess.spacing`), the combined
+        stage-1 map (I, J, K) on that grid, the stage-1 candidates, the same candidates with stage-2 scores,
+        seconds per step). The same candidates and scores as a run's out-of-fold files (cmb.protocol.detection)."""
         t0 = time.perf_counter()
+        scan = working_scan(scan, self.pre_cfg.spacing)
         pre = preprocess_scan(scan, self.pre_cfg, self.cache_dir)
         t1 = time.perf_counter()
         image, mask = np.asarray(pre.image), np.asarray(pre.mask)
@@ -131,19 +133,18 @@ class Predictor:
         t2 = time.perf_counter()
         scored = score_candidates(self.cnns, image, cands, tta=bool(self.run_cfg.inference.cnn_tta), device=self.device)
         t3 = time.perf_counter()
-        return prob, cands, scored, {"preprocess": t1 - t0, "stage1": t2 - t1, "stage2": t3 - t2}
+        return scan, prob, cands, scored, {"preprocess": t1 - t0, "stage1": t2 - t1, "stage2": t3 - t2}
 
     def predict_scan(self, path: str | Path, scan_id: str | None = None) -> ScanDetections:
         path = Path(path)
-        scan = build_scan(scan_id or input_id(path), path, has_truth=False)
-        prob, _, scored, seconds = self.score_scan(scan)
+        scan, prob, _, scored, seconds = self.score_scan(build_scan(scan_id or input_id(path), path, has_truth=False))
         kept = [c for c in scored if c.score >= self.threshold]
         kept = [kept[n] for n in detection_order(np.array([c.score for c in kept]), np.array([c.voxel for c in kept]).reshape(-1, 3))]
         mm = vox_to_mm(np.array([c.voxel for c in kept]).reshape(-1, 3), scan.affine)
         assert scan.source_affine is not None and scan.to_canonical is not None
         src_vox = mm_to_vox(mm, scan.source_affine)
         return ScanDetections(scan.scan_id, src_vox, mm, np.array([c.score for c in kept]), np.array([c.peak for c in kept]),
-                              from_canonical(prob, scan.to_canonical), scan.source_affine, seconds,
+                              from_canonical(to_native_grid(prob, scan), scan.to_canonical), scan.source_affine, seconds,
                               np.array([c.voxel for c in kept], dtype=float).reshape(-1, 3), np.asarray(scan.image), scan.spacing_mm,
                               scan.slice_uids)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from torch import nn
 
 from cmb.conf_utils import attach_run_log, instantiate_checked, write_config_and_metadata
@@ -33,7 +33,7 @@ from cmb.protocol import detection, mining
 from cmb.protocol.members import MemberJob, TrainingContext, planned_steps, train_member
 from cmb.protocol.mining import MissingPrerequisite
 from cmb.protocol.recipes import MemberRecipe, member_recipe
-from cmb.protocol.scans import RunTiming, ScanStore, VolumeOptions
+from cmb.protocol.scans import RunTiming, ScanStore, VolumeOptions, median_spacing
 from cmb.protocol.settings import member_settings, seeded_subset, settings_hash, settings_stamp, stamp_matches
 from cmb.protocol.trainer import device_for, trainer_factory
 from cmb.validate import MINING_MODES
@@ -49,6 +49,10 @@ class Protocol:
         self.layout = RunLayout(Path(cfg.paths.run_dir))
         self.dataset: ScanDataset = instantiate_checked(cfg.data)
         self.scan_ids = self.dataset.scan_ids()
+        if cfg.preprocess.get("spacing") == "median":  # resolved once, and written into the run's config.yaml as numbers
+            with open_dict(cfg):
+                cfg.preprocess.spacing = median_spacing(self.dataset, self.scan_ids)
+            log.info("working voxel size: %s mm (the median of the run's scans)", list(cfg.preprocess.spacing))
         self.splits = make_or_load_splits(self.layout.root, self.scan_ids, int(cfg.seed), cfg.get("splits_file"), write=False)
         self._refuse_other_settings()
         self._prepared = False

@@ -14,6 +14,7 @@ from cmb.data.io import atomic_write_text
 from cmb.data.patches import TrainingVolume, build_training_volume
 from cmb.data.preprocess import PreprocessConfig, Preprocessed, preprocess_scan
 from cmb.data.readers import ScanDataset
+from cmb.data.resample import working_scan
 from cmb.data.scan import Scan
 from cmb.inference.candidates import read_candidates
 
@@ -42,6 +43,12 @@ class VolumeOptions:
     seed: int  # the run's seed: which negatives the pools keep
 
 
+def median_spacing(dataset: ScanDataset, scan_ids: list[str]) -> list[float]:
+    """The median voxel size (mm along i, j, k, canonical orientation) of the dataset's scans."""
+    spacings = np.array([dataset.load(s).spacing_mm for s in scan_ids], dtype=float).reshape(-1, 3)
+    return [round(float(v), 4) for v in np.median(spacings, axis=0)]
+
+
 class ScanStore:
     """The run's dataset, preprocessed into `cache_dir`, with training volumes kept in memory once built."""
 
@@ -51,7 +58,8 @@ class ScanStore:
         self._volumes: dict[str, TrainingVolume] = {}
 
     def load(self, scan_id: str) -> tuple[Scan, Preprocessed]:
-        scan = self.dataset.load(scan_id)
+        """The scan on the run's working grid (`preprocess.spacing`, cmb.data.resample) and its preprocessing."""
+        scan = working_scan(self.dataset.load(scan_id), self.preprocess.spacing)
         t = time.perf_counter()
         pre = preprocess_scan(scan, self.preprocess, self.cache_dir)
         self.timing.add("preprocess", time.perf_counter() - t)

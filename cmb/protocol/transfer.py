@@ -93,8 +93,7 @@ def score_run(cfg: DictConfig) -> dict[str, Any]:
     for n, scan_id in enumerate(scan_ids, start=1):
         if all(layout.scan_file(FOLD, f, scan_id).is_file() for f in folders):
             continue
-        scan = dataset.load(scan_id)
-        _, cands, scored, seconds = predictor.score_scan(scan)
+        scan, _, cands, scored, seconds = predictor.score_scan(dataset.load(scan_id))  # scan: on the scored run's working grid
         hits = hits_column(np.array([c.voxel for c in cands]).reshape(-1, 3), scan_truth(scan), radius)
         write_candidates(cands, layout.scan_file(FOLD, UNET_CANDIDATES, scan_id), {"hits": hits})
         write_candidates(scored, layout.scan_file(FOLD, CNN_SCORES, scan_id), {"hits": hits})
