@@ -16,6 +16,7 @@ from cmb.errors import ConfigError
 
 STAGES = ("unet", "cnn", "mine", "fold", "all", "score")
 UNET_MODES = ("fast", "faithful")
+SCORE_FUSIONS = ("cnn", "mean", "geometric")  # inference.score_fusion (cmb.inference.cnn_scores.fuse_scores)
 MINING_MODES = ("leak_free", "paper")  # mining.mode (cmb.protocol.mining)
 MASK_METHODS = ("auto", "user", "deepbet", "hdbet", "threshold")  # preprocess.mask (cmb.data.preprocess.brain_mask_method)
 
@@ -92,6 +93,7 @@ def check_train(cfg: DictConfig) -> None:
     probability(cfg, "inference.unet_threshold", open_low=True)
     probability(cfg, "mining.threshold", open_low=True)
     one_of(cfg, "inference.unet.mode", UNET_MODES)
+    one_of(cfg, "inference.score_fusion", SCORE_FUSIONS)
     one_of(cfg, "mining.mode", MINING_MODES)
     positive_number(cfg, "eval.target_fp_per_scan")
     positive_number(cfg, "eval.match_radius_mm")

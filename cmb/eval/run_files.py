@@ -35,6 +35,7 @@ def candidate_settings(cfg: Any, folder: str) -> dict[str, Any]:
                                 "candidates": CANDIDATE_DEFINITION}
     if folder == CNN_SCORES:
         settings["cnn_tta"] = bool(inf.cnn_tta)
+        settings["score_fusion"] = str(inf.get("score_fusion", "cnn"))
     if folder == PAPER_MINING:
         settings["mining_threshold"] = float(cfg.mining.threshold)
     return settings

@@ -42,12 +42,27 @@ def score_points(nets: list[nn.Module], image: np.ndarray, points_vox: np.ndarra
     return (probs / len(nets)).astype(np.float32)
 
 
+def fuse_scores(peaks: np.ndarray, cnn: np.ndarray, fusion: str = "cnn") -> np.ndarray:
+    """The detection score from the stage-1 peaks and the CNN ensemble's probabilities, (N,) each:
+    `cnn` the CNNs' alone (the paper), `mean` (p + c) / 2, `geometric` sqrt(p c)."""
+    p, c = np.asarray(peaks, dtype=np.float64), np.asarray(cnn, dtype=np.float64)
+    if fusion == "cnn":
+        return c
+    if fusion == "mean":
+        return (p + c) / 2
+    if fusion == "geometric":
+        return np.sqrt(p * c)
+    raise ValueError(f"score fusion must be one of cnn, mean, geometric; got {fusion!r}")
+
+
 def score_candidates(nets: list[nn.Module], image: np.ndarray, candidates: list[Candidate], tta: bool = True,
-                     device: str | torch.device = "cpu") -> list[Candidate]:
-    """The candidates with `score` set to the ensemble's CMB probability (`score_points` at their voxels).
+                     device: str | torch.device = "cpu", fusion: str = "cnn") -> list[Candidate]:
+    """The candidates with `score` set to their detection score: the ensemble's CMB probability
+    (`score_points` at their voxels), fused with their stage-1 peak by `fusion` (`fuse_scores`).
 
     One function for out-of-fold detection and `infer.py`, so both score the same patches.
     """
     points = np.array([c.voxel for c in candidates], dtype=float).reshape(-1, 3)
-    scores = score_points(nets, image, points, tta=tta, device=device)
+    cnn = score_points(nets, image, points, tta=tta, device=device)
+    scores = fuse_scores(np.array([c.peak for c in candidates], dtype=float), cnn, fusion)
     return [replace(c, score=float(s)) for c, s in zip(candidates, scores)]

@@ -131,7 +131,8 @@ class Predictor:
         prob = ensemble_probability(self.unets, image, mask, self.unet_cfg, str(self.run_cfg.inference.ensemble_normalize), self.device)
         cands = extract_candidates(prob, self.unet_threshold, scan.affine, scan.scan_id)
         t2 = time.perf_counter()
-        scored = score_candidates(self.cnns, image, cands, tta=bool(self.run_cfg.inference.cnn_tta), device=self.device)
+        scored = score_candidates(self.cnns, image, cands, tta=bool(self.run_cfg.inference.cnn_tta), device=self.device,
+                                  fusion=str(self.run_cfg.inference.get("score_fusion", "cnn")))
         t3 = time.perf_counter()
         return scan, prob, cands, scored, {"preprocess": t1 - t0, "stage1": t2 - t1, "stage2": t3 - t2}
 

@@ -84,8 +84,9 @@ def heldout_unet_candidates(scan_ids: list[str], fold: int, load: Callable[[str]
 
 
 def heldout_cnn_scores(scan_ids: list[str], candidates: Path, load: Callable[[str], tuple[Scan, Preprocessed]], nets: list[nn.Module],
-                       tta: bool, device: str, out: Path, timing: RunTiming) -> None:
-    """`out/<scan>.csv`: every candidate of `candidates/<scan>.csv` with the CNN ensemble's score."""
+                       tta: bool, device: str, out: Path, timing: RunTiming, fusion: str = "cnn") -> None:
+    """`out/<scan>.csv`: every candidate of `candidates/<scan>.csv` with its detection score (the CNN ensemble's,
+    fused with the stage-1 peak by `fusion`, cmb.inference.cnn_scores)."""
     for scan_id in scan_ids:
         source = candidates / f"{scan_id}.csv"
         if not source.is_file():
@@ -93,6 +94,6 @@ def heldout_cnn_scores(scan_ids: list[str], candidates: Path, load: Callable[[st
         cands, rows = read_candidates(source)
         _, pre = load(scan_id)
         t = time.perf_counter()
-        scored = score_candidates(nets, np.asarray(pre.image), cands, tta=tta, device=device)
+        scored = score_candidates(nets, np.asarray(pre.image), cands, tta=tta, device=device, fusion=fusion)
         timing.add("stage2_inference", time.perf_counter() - t, "n_stage2_scans")
         write_candidates(scored, out / f"{scan_id}.csv", {"hits": [r["hits"] for r in rows]})

@@ -225,7 +225,7 @@ class Protocol:
         todo = [s for s in self.fold_split(fold)["test"] if not (out / f"{s}.csv").is_file()]
         if todo:
             detection.heldout_cnn_scores(todo, candidates, self.store.load, self.members("cnn", fold), bool(self.cfg.inference.cnn_tta),
-                                         self.device, out, self.timing)
+                                         self.device, out, self.timing, str(self.cfg.inference.get("score_fusion", "cnn")))
 
     # ---------------------------------------------------------------- whole protocol
     def run_fold(self, fold: int | str) -> None:
