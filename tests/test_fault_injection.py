@@ -73,7 +73,7 @@ def _member(exp, stage: str) -> Path:
 
 def _mimics(exp) -> None:
     """Stage 2's prerequisites on the tiny data: the fold's U-Nets and their mined mimics."""
-    for bs in exp.stage_cfg("unet").batch_sizes:
+    for bs in exp.cfg.unet.batch_sizes:
         exp.train_member("unet", 0, bs)
     exp.mine(0)
 
