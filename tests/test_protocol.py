@@ -414,6 +414,11 @@ def test_a_finished_run_scores_another_family_as_infer_py_would(finished_run: Pa
     assert [float(d["score"]) for d in deployed] == [float(e["score"]) for e in oof]
     other = run_cli([*args[:2], "data.preset=tiny", *args[3:]], tiny_synthetic_module)  # the same name for another dataset
     assert other.returncode == 2 and "holds another run or another scoring" in other.stderr
+    (scored / "fold_0" / "cnn_scores" / f"{ids[0]}.csv").unlink()  # resumed after an interruption: one scan left to score
+    resumed = run_cli(args, tiny_synthetic_module)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    timing = json.loads((scored / "timing.json").read_text())
+    assert timing["n_stage1_scans"] == 5 and timing["stage1_inference"] > 0  # four scans, then the one left: all counted
 
 
 def test_score_without_a_run_is_refused_at_the_door(tmp_path: Path, tiny_synthetic: Path) -> None:

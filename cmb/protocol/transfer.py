@@ -34,6 +34,7 @@ from cmb.inference.candidates import write_candidates
 from cmb.layout import CNN_SCORES, SETTINGS_FILE, TRUTH, UNET_CANDIDATES, RunLayout
 from cmb.protocol.detection import hits_column, write_truth_file
 from cmb.protocol.mining import scan_truth
+from cmb.protocol.scans import RunTiming
 
 log = logging.getLogger(__name__)
 FOLD = 0
@@ -89,7 +90,7 @@ def score_run(cfg: DictConfig) -> dict[str, Any]:
         folders[name].mkdir(parents=True, exist_ok=True)
         atomic_write_text(json.dumps(folder_settings(tcfg, fold_dir, name), indent=1), folders[name] / SETTINGS_FILE)
     radius = float(tcfg.eval.match_radius_mm)
-    timing = {"stage1_inference": 0.0, "stage2_inference": 0.0, "preprocess": 0.0, "n_stage1_scans": 0}
+    timing = RunTiming(layout.timing)  # accumulated per scan: a resumed scoring keeps the time of the scans scored before
     for n, scan_id in enumerate(scan_ids, start=1):
         if all(layout.scan_file(FOLD, f, scan_id).is_file() for f in folders):
             continue
@@ -98,12 +99,10 @@ def score_run(cfg: DictConfig) -> dict[str, Any]:
         write_candidates(cands, layout.scan_file(FOLD, UNET_CANDIDATES, scan_id), {"hits": hits})
         write_candidates(scored, layout.scan_file(FOLD, CNN_SCORES, scan_id), {"hits": hits})
         write_truth_file(layout.scan_file(FOLD, TRUTH, scan_id), scan, FOLD)
-        timing["preprocess"] += seconds["preprocess"]
-        timing["stage1_inference"] += seconds["stage1"]
-        timing["stage2_inference"] += seconds["stage2"]
-        timing["n_stage1_scans"] += 1
+        timing.add("preprocess", seconds["preprocess"])
+        timing.add("stage1_inference", seconds["stage1"], "n_stage1_scans")
+        timing.add("stage2_inference", seconds["stage2"], "n_stage2_scans")
         log.info("scored %s (%d/%d): %d candidates", scan_id, n, len(scan_ids), len(cands))
-    atomic_write_text(json.dumps(timing, indent=1), layout.timing)
     if not scan_ids:
         raise DataError(out_dir, "the dataset to score has no scans")
     return evaluate_run(out_dir, tcfg)
