@@ -24,13 +24,13 @@ log = logging.getLogger("cmb")
 @hydra.main(version_base="1.3", config_path="conf", config_name="infer")
 @hydra_entry
 def main(cfg: DictConfig) -> None:
-    from cmb.data.io import input_id, require_writable
-    from cmb.inference.predictor import Predictor, list_inputs, output_paths, write_output_index, write_outputs
-
     for key in ("model_dir", "input", "output"):
         if not cfg.get(key):
             raise ConfigError(f"{key} is not set: python infer.py model_dir=RUN_DIR input=PATH output=DIR")
-    check_infer(cfg)
+    check_infer(cfg)  # values first, before the deep-learning libraries are imported
+    from cmb.data.io import input_id, require_writable
+    from cmb.inference.predictor import Predictor, list_inputs, output_paths, write_output_index, write_outputs
+
     files = list_inputs(cfg.input)
     out_dir = Path(cfg.output)
     require_writable(out_dir, "output folder")

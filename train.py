@@ -27,13 +27,14 @@ log = logging.getLogger("cmb")
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @hydra_entry
 def main(cfg: DictConfig) -> float | None:
+    from cmb.validate import check_train
+
+    check_train(cfg)  # values first: a refused command reads and writes nothing (and imports no deep-learning library)
     from cmb.layout import FINAL
     from cmb.progress import quiet_console
     from cmb.protocol.run import Protocol
-    from cmb.validate import check_train
 
     quiet_console(bool(cfg.get("verbose", False)))
-    check_train(cfg)  # values first: a refused command reads and writes nothing
     if str(cfg.stage) == "score":  # a finished run scored on another labelled dataset
         from cmb.eval.evaluate import summary_lines
         from cmb.layout import RunLayout
