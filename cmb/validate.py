@@ -32,13 +32,17 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def probability(cfg: DictConfig, key: str, *, allow_none: bool = False, open_low: bool = False) -> None:
     """`key` must be a number in [0, 1] ((0, 1] with `open_low`), or null with `allow_none`."""
     value = _get(cfg, key)
     if value is None and allow_none:
         return
     low = "(0" if open_low else "[0"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not (
+    if not _is_number(value) or math.isnan(value) or not (
             (0 < value if open_low else 0 <= value) and value <= 1):
         raise ConfigError(f"{key}={value!r} is not allowed: a number in {low}, 1]{' or null' if allow_none else ''}")
 
@@ -51,7 +55,7 @@ def integer(cfg: DictConfig, key: str, minimum: int, why: str = "") -> None:
 
 def positive_number(cfg: DictConfig, key: str) -> None:
     value = _get(cfg, key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value <= 0:
+    if not _is_number(value) or math.isnan(value) or value <= 0:
         raise ConfigError(f"{key}={value!r} is not allowed: a number > 0")
 
 
@@ -105,9 +109,17 @@ def check_train(cfg: DictConfig) -> None:
                           f"({_get(cfg, 'eval.thresholds.stop')})")
     brain_mask(cfg)
     spacing = _get(cfg, "preprocess.spacing")
-    if spacing is not None and spacing != "median" and (isinstance(spacing, str) or len(spacing) != 3 or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in spacing)):
-        raise ConfigError(f"preprocess.spacing={spacing!r} is not allowed: three voxel sizes in mm > 0 (i, j, k), median or null")
+    if spacing is not None and spacing != "median":
+        spacing_mm(spacing, "median or null")
+
+
+def spacing_mm(value: Any, other_values: str) -> tuple[float, float, float]:
+    """`value` (preprocess.spacing) as three finite voxel sizes > 0 in mm along i, j, k; otherwise a ConfigError
+    that also names what else the setting may be (`other_values`)."""
+    values = [] if isinstance(value, str) else list(value)
+    if len(values) != 3 or not all(_is_number(v) and math.isfinite(v) and v > 0 for v in values):
+        raise ConfigError(f"preprocess.spacing={value!r} is not allowed: three voxel sizes in mm > 0 (i, j, k), {other_values}")
+    return tuple(float(v) for v in values)  # type: ignore[return-value]
 
 
 def brain_mask(cfg: DictConfig) -> None:

@@ -28,10 +28,10 @@ from scipy import ndimage
 
 from cmb.conf_utils import refuse_code
 from cmb.data.io import load_volume, same_grid, to_canonical
-from cmb.data.resample import resample_to_grid
+from cmb.data.resample import resample_to_grid, working_scan
 from cmb.data.scan import Scan
 from cmb.errors import ConfigError, DataError
-from cmb.validate import MASK_METHODS
+from cmb.validate import MASK_METHODS, spacing_mm
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -57,10 +57,7 @@ class PreprocessConfig:
         if self.mask not in MASK_METHODS:
             raise ConfigError(f"preprocess.mask={self.mask!r} is not allowed: one of {', '.join(MASK_METHODS)}")
         if self.spacing is not None:
-            values = list(self.spacing) if not isinstance(self.spacing, str) else []
-            if len(values) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values):
-                raise ConfigError(f"preprocess.spacing={self.spacing!r} is not allowed: three voxel sizes in mm > 0, or null")
-            object.__setattr__(self, "spacing", tuple(float(v) for v in values))
+            object.__setattr__(self, "spacing", spacing_mm(self.spacing, "or null"))
 
     @classmethod
     def from_settings(cls, settings: Any, source: str | Path) -> "PreprocessConfig":
@@ -368,6 +365,13 @@ def _read_entry(entry: Path, scan_id: str) -> Preprocessed:
     if {"image": _checksum(image), "mask": _checksum(mask)} != meta["checksums"]:
         raise ValueError("checksum mismatch (an array was changed after it was written)")
     return Preprocessed(scan_id, image, mask, meta)
+
+
+def preprocess_on_working_grid(scan: Scan, cfg: PreprocessConfig, cache_dir: str | Path | None = None) -> tuple[Scan, Preprocessed]:
+    """`scan` on the working grid of `cfg.spacing` (cmb.data.resample.working_scan) and its preprocessing: the one path
+    of training, out-of-fold detection, stage=score and infer.py."""
+    scan = working_scan(scan, cfg.spacing)
+    return scan, preprocess_scan(scan, cfg, cache_dir)
 
 
 def preprocess_scan(scan: Scan, cfg: PreprocessConfig, cache_dir: str | Path | None = None) -> Preprocessed:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from cmb.data.io import atomic_write_text
+from cmb.layout import RunLayout
 from cmb.errors import ConfigError, DataError
 
 
@@ -69,7 +70,7 @@ def make_or_load_splits(run_dir: Path, scan_ids: list[str], seed: int, splits_fi
         splits = {"seed": None, "source": str(path), "scan_ids": sorted(scan_ids), "folds": splits["folds"]}
     else:
         splits = {"seed": seed, "source": "lotcv", "scan_ids": sorted(scan_ids), "folds": lotcv_folds(sorted(scan_ids), seed)}
-    target = Path(run_dir) / "splits.json"
+    target = RunLayout(run_dir).splits
     if target.is_file():
         existing = json.loads(target.read_text())
         if existing.get("folds") != splits["folds"]:

@@ -49,32 +49,30 @@ def review_tiles(record: ScanRecord, centroids: np.ndarray, threshold: float, n_
     return tiles
 
 
-def _working_spacing(cfg: Any) -> tuple[float, float, float] | None:
-    spacing = (cfg.get("preprocess") or {}).get("spacing")
-    return None if spacing is None else tuple(float(v) for v in spacing)  # type: ignore[return-value]
-
-
 def write_review(run_dir: Path, cfg: Any, records: list[ScanRecord], threshold: float) -> Path | None:
     """Write `run_dir`/review/<scan>.png and review/index.html; None (with a warning) when the run's scans
     cannot be read any more (moved or deleted data): the evaluation itself does not need them."""
     import json
 
     from cmb.conf_utils import dataset_from_run_config
+    from cmb.data.preprocess import PreprocessConfig
     from cmb.pictures import write_index, write_tiles
 
-    out = Path(run_dir) / "review"
+    layout = RunLayout(run_dir)
+    out = layout.review
     try:
-        dataset = dataset_from_run_config(cfg.data, Path(run_dir) / "config.yaml")
+        dataset = dataset_from_run_config(cfg.data, layout.config)
+        spacing = PreprocessConfig.from_settings(cfg.preprocess, layout.config).spacing  # the grid the run's files are on
     except (CMBError, OSError) as err:
         log.warning("review/ not written: the run's scans cannot be read (%s)", err)
         return None
     rows = []
     for record in records:
-        truth = json.loads(RunLayout(run_dir).scan_file(record.fold, TRUTH, record.scan_id).read_text())
+        truth = json.loads(layout.scan_file(record.fold, TRUTH, record.scan_id).read_text())
         centroids = np.asarray(truth["centroids_vox"], dtype=float).reshape(-1, 3)
         tiles = review_tiles(record, centroids, threshold)
         try:
-            scan = working_scan(dataset.load(record.scan_id), _working_spacing(cfg))  # the grid the run's files are on
+            scan = working_scan(dataset.load(record.scan_id), spacing)
         except (CMBError, OSError) as err:
             log.warning("review/%s.png not written: %s", record.scan_id, err)
             continue

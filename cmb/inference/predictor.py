@@ -23,9 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from cmb.data.dicom import is_dicom_folder
 from cmb.data.io import from_canonical, input_id, is_nifti_name, mm_to_vox, vox_to_mm
-from cmb.data.preprocess import PreprocessConfig, brain_mask_method, preprocess_scan
+from cmb.data.preprocess import PreprocessConfig, brain_mask_method, preprocess_on_working_grid
 from cmb.data.readers import build_scan
-from cmb.data.resample import to_native_grid, working_scan
+from cmb.data.resample import to_native_grid
 from cmb.data.scan import Scan
 from cmb.errors import ConfigError, DataError
 from cmb.eval.matching import detection_order
@@ -109,7 +109,7 @@ class Predictor:
     def _threshold(self, override: float | None) -> float:
         if override is not None:
             return float(override)
-        results = self.model_dir / "results.json"
+        results = RunLayout(self.model_dir).results
         if not results.is_file():
             raise ConfigError(f"{results} not found: no out-of-fold sweep to take the threshold from; pass threshold=X")
         chosen = json.loads(results.read_text()).get("chosen_operating_point")
@@ -124,8 +124,7 @@ class Predictor:
         stage-1 map (I, J, K) on that grid, the stage-1 candidates, the same candidates with stage-2 scores,
         seconds per step). The same candidates and scores as a run's out-of-fold files (cmb.protocol.detection)."""
         t0 = time.perf_counter()
-        scan = working_scan(scan, self.pre_cfg.spacing)
-        pre = preprocess_scan(scan, self.pre_cfg, self.cache_dir)
+        scan, pre = preprocess_on_working_grid(scan, self.pre_cfg, self.cache_dir)
         t1 = time.perf_counter()
         image, mask = np.asarray(pre.image), np.asarray(pre.mask)
         prob = ensemble_probability(self.unets, image, mask, self.unet_cfg, str(self.run_cfg.inference.ensemble_normalize), self.device)

@@ -12,9 +12,8 @@ import numpy as np
 
 from cmb.data.io import atomic_write_text
 from cmb.data.patches import TrainingVolume, build_training_volume
-from cmb.data.preprocess import PreprocessConfig, Preprocessed, preprocess_scan
+from cmb.data.preprocess import PreprocessConfig, Preprocessed, preprocess_on_working_grid
 from cmb.data.readers import ScanDataset
-from cmb.data.resample import working_scan
 from cmb.data.scan import Scan
 from cmb.inference.candidates import read_candidates
 
@@ -59,9 +58,8 @@ class ScanStore:
 
     def load(self, scan_id: str) -> tuple[Scan, Preprocessed]:
         """The scan on the run's working grid (`preprocess.spacing`, cmb.data.resample) and its preprocessing."""
-        scan = working_scan(self.dataset.load(scan_id), self.preprocess.spacing)
         t = time.perf_counter()
-        pre = preprocess_scan(scan, self.preprocess, self.cache_dir)
+        scan, pre = preprocess_on_working_grid(self.dataset.load(scan_id), self.preprocess, self.cache_dir)
         self.timing.add("preprocess", time.perf_counter() - t)
         return scan, pre
 

@@ -31,7 +31,7 @@ from cmb.data.io import atomic_write_text, require_writable
 from cmb.errors import ConfigError, DataError
 from cmb.eval.run_files import folder_settings
 from cmb.inference.candidates import write_candidates
-from cmb.layout import CNN_SCORES, SETTINGS_FILE, TRUTH, UNET_CANDIDATES, RunLayout
+from cmb.layout import CNN_SCORES, SETTINGS_FILE, TRUTH, UNET_CANDIDATES, MemberFiles, RunLayout
 from cmb.protocol.detection import hits_column, write_truth_file
 from cmb.protocol.mining import scan_truth
 from cmb.protocol.scans import RunTiming
@@ -63,22 +63,22 @@ def score_run(cfg: DictConfig) -> dict[str, Any]:
     source_cfg = load_run_config(model_dir)
     predictor = Predictor(model_dir, cfg.get("transfer_fold"), None, None, cfg.paths.cache_dir, progress=False)
     out_dir = Path(str(cfg.paths.run_dir))
+    layout = RunLayout(out_dir)
     if out_dir.resolve() == model_dir.resolve():
         raise ConfigError(f"{out_dir}: the scores go into a new run folder; pass name=... other than the scored run's")
     tcfg = transfer_config(cfg, source_cfg, model_dir, predictor.fold, predictor.threshold)
-    if RunLayout(out_dir).config.is_file():
-        saved = OmegaConf.load(RunLayout(out_dir).config)
+    if layout.config.is_file():
+        saved = OmegaConf.load(layout.config)
         if OmegaConf.to_container(saved.get("transfer", {}), resolve=True) != OmegaConf.to_container(tcfg.transfer, resolve=True) or \
                 OmegaConf.to_container(saved.data, resolve=True) != OmegaConf.to_container(tcfg.data, resolve=True):
             raise ConfigError(f"{out_dir}: holds another run or another scoring; use a new name=... (nothing was written)")
     require_writable(out_dir, "run folder")
     dataset = instantiate_checked(cfg.data)
     scan_ids = dataset.scan_ids()
-    layout = RunLayout(out_dir)
     fold_dir = layout.fold_dir(FOLD)
     fold_dir.mkdir(parents=True, exist_ok=True)
     source_members = RunLayout(model_dir).fold_dir(predictor.fold)
-    for member in sorted(p.name for p in source_members.glob("*_bs*") if (p / "model.pt").is_file()):
+    for member in sorted(p.name for p in source_members.glob("*_bs*") if MemberFiles(p).model.is_file()):
         link = fold_dir / member
         if not link.exists():
             link.symlink_to((source_members / member).resolve(), target_is_directory=True)
