@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cmb.errors import ConfigError
 
@@ -111,6 +111,25 @@ def check_train(cfg: DictConfig) -> None:
     spacing = _get(cfg, "preprocess.spacing")
     if spacing is not None and spacing != "median":
         spacing_mm(spacing, "median or null")
+    if _get(cfg, "protocol.train_scans") is not None:
+        integer(cfg, "protocol.train_scans", 1, " or null (all of each fold's training scans)")
+    for stage_key in ("unet", "cnn"):
+        synthetic_cmbs(cfg, stage_key)
+
+
+def synthetic_cmbs(cfg: DictConfig, stage_key: str) -> None:
+    """A stage whose sampling mixes draw "synthetic" windows has valid `<stage>.synthetic` settings."""
+    mixes = [_get(cfg, f"{stage_key}.sampling"), _get(cfg, f"{stage_key}.refine.sampling")]
+    shares = [m.get("synthetic") for m in mixes if isinstance(m, DictConfig) and m.get("synthetic") is not None]
+    if not any(_is_number(v) and v > 0 for v in shares):
+        return
+    from cmb.data.synthetic_cmb import SyntheticCMBConfig  # only here: it imports torch (the physics phantom's FFTs)
+
+    settings = _get(cfg, f"{stage_key}.synthetic")
+    try:
+        SyntheticCMBConfig.from_dict(OmegaConf.to_container(settings, resolve=True) if isinstance(settings, DictConfig) else None)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{stage_key}.synthetic: {err}") from None
 
 
 def spacing_mm(value: Any, other_values: str) -> tuple[float, float, float]:

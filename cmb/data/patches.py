@@ -1,5 +1,5 @@
 """Training patches: CMB-centred positives, transplanted CMBs (`cmb.data.transplant`),
-random brain negatives, dark negatives, vessel-like negatives (dark against their
+synthetic CMBs (`cmb.data.synthetic_cmb`), random brain negatives, dark negatives, vessel-like negatives (dark against their
 surroundings) and mined mimics, each augmented by `cmb.data.augment`.
 
 Sampling is a pure function of (seed, epoch, index), so results do not depend on the
@@ -19,6 +19,7 @@ from cmb import WINDOW
 from cmb.data.augment import augment_window, crop_centred, region_size, window_augmentation
 from cmb.data.preprocess import Preprocessed
 from cmb.data.scan import Scan
+from cmb.data.synthetic_cmb import SyntheticCMBConfig, draw_cmb, insert_cmb, next_to, plausible_site
 from cmb.data.transplant import cut_stamps, paste_stamp
 
 MAX_POOL = 200_000  # negatives are drawn from at most this many stored voxel positions per scan
@@ -30,7 +31,7 @@ class TrainingVolume:
 
     image: normalized float32 (I, J, K); target: uint8 (I, J, K) CMB voxels;
     cmb_centres: (N, 3) int voxel centres; brain/dark/vessel: (M, 3) int candidate negative centres;
-    mimics: (P, 3) int centres of mined stage-1 false positives.
+    mimics: (P, 3) int centres of mined stage-1 false positives; spacing_mm: voxel size (i, j, k).
     """
 
     scan_id: str
@@ -41,6 +42,7 @@ class TrainingVolume:
     dark: np.ndarray
     mimics: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), dtype=int))
     vessel: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), dtype=int))
+    spacing_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
 
 def point_target(shape: tuple[int, int, int], centroids: np.ndarray, spacing: tuple[float, float, float], radius_mm: float) -> np.ndarray:
@@ -85,7 +87,8 @@ def build_training_volume(scan: Scan, pre: Preprocessed, *, point_radius_mm: flo
     if vessel_contrast is not None:
         vessel = np.argwhere(is_dark & (image < ndimage.uniform_filter(image, (9, 9, 5)) - vessel_contrast))
         vessel = vessel[rng.permutation(len(vessel))[:MAX_POOL]]
-    return TrainingVolume(scan.scan_id, image, target, centres, brain, dark, vessel=vessel)
+    spacing = tuple(float(v) for v in scan.spacing_mm)
+    return TrainingVolume(scan.scan_id, image, target, centres, brain, dark, vessel=vessel, spacing_mm=spacing)  # type: ignore[arg-type]
 
 
 class PatchDataset(Dataset):
@@ -95,19 +98,23 @@ class PatchDataset(Dataset):
     "vessel", "mimic"; kinds with nothing to draw from are skipped), a volume and a centre,
     then augments. A "transplant" is a training CMB (any volume's) laid onto a centre drawn
     from the `transplant_sites` pools, darkened by ratio**gamma with gamma uniform in
-    `transplant_gamma`; it is a positive. `positive_weights` (one per training CMB, in the
+    `transplant_gamma`; it is a positive. A "synthetic" is a CMB simulated by the SWI forward model
+    (`cmb.data.synthetic_cmb`, settings `synthetic`) and multiplied into the window at a plausible
+    site drawn from `synthetic.sites` (parenchyma, or next to a dark voxel); it is a positive.
+    `positive_weights` (one per training CMB, in the
     order of `cmb.models.health.cmb_windows`): relative draw weights of the positives
     (None: uniform). Returns {"image": (1, 20, 20, 16) float32,
     "target": (1, 20, 20, 16) float32, "label": () float32 (1 for a CMB-centred window)}.
     """
 
-    KINDS = ("positive", "transplant", "random", "dark", "vessel", "mimic")
+    KINDS = ("positive", "transplant", "synthetic", "random", "dark", "vessel", "mimic")
+    SITE_TRIES = 20  # draws for a plausible synthetic-CMB site before one from the parenchyma pool is taken as it is
     POOL_ATTR = {"random": "brain", "dark": "dark", "vessel": "vessel", "mimic": "mimics"}
 
     def __init__(self, volumes: list[TrainingVolume], n_samples: int, mix: dict[str, float], seed: int = 0,
                  max_shift: int = 1, flip: bool = True, rotate: bool = True, negative_shift: int | None = None,
                  transplant_sites: tuple[str, ...] = ("dark", "mimic"), transplant_gamma: tuple[float, float] = (0.75, 1.25),
-                 positive_weights: np.ndarray | None = None) -> None:
+                 positive_weights: np.ndarray | None = None, synthetic: SyntheticCMBConfig | None = None) -> None:
         if not volumes:
             raise ValueError("PatchDataset needs at least one training volume")
         self.volumes = volumes
@@ -131,7 +138,7 @@ class PatchDataset(Dataset):
                 raise ValueError(f"positive_weights needs one weight >= 0 per training CMB ({len(self._pools['positive'])}), "
                                  f"not all 0; got shape {w.shape}")
             self.positive_p = w / w.sum()
-        weights = {k: float(mix.get(k, 0.0)) if k == "transplant" or self._has(k) else 0.0 for k in self.KINDS}
+        weights = {k: float(mix.get(k, 0.0)) if k in ("transplant", "synthetic") or self._has(k) else 0.0 for k in self.KINDS}
         bad_sites = set(transplant_sites) - set(self.POOL_ATTR)
         if bad_sites:
             raise ValueError(f"transplant sites must be among {sorted(self.POOL_ATTR)}, got {sorted(bad_sites)}")
@@ -143,6 +150,14 @@ class PatchDataset(Dataset):
             self.stamps = [s for vol in volumes for s in cut_stamps(vol.image, vol.target, vol.cmb_centres, size)]
         if not self.stamps or not self.transplant_sites:
             weights["transplant"] = 0.0
+        self.synthetic = synthetic
+        if synthetic is not None:
+            bad_sites = set(synthetic.sites) - set(self.POOL_ATTR) | ({"mimic"} & set(synthetic.sites))
+            if bad_sites:
+                raise ValueError(f"synthetic CMB sites must be among {sorted(set(self.POOL_ATTR) - {'mimic'})}, got {sorted(bad_sites)}")
+        self.synthetic_sites = [k for k in (synthetic.sites if synthetic else ()) if self._has(k)]
+        if not self.synthetic_sites or not self._has("random"):
+            weights["synthetic"] = 0.0
         total = sum(weights.values())
         if total <= 0:
             raise ValueError(f"nothing to sample with mix {mix}")
@@ -164,25 +179,45 @@ class PatchDataset(Dataset):
     def draw(self, rng: np.random.Generator) -> tuple[str, int, np.ndarray]:
         """(kind, volume index, integer centre) of one sample."""
         kind = self.kinds[int(rng.choice(len(self.kinds), p=self.probs))]
+        if kind == "synthetic":
+            v, centre = self.synthetic_site(rng)
+            return kind, v, centre
         pool = self.transplant_sites[int(rng.integers(len(self.transplant_sites)))] if kind == "transplant" else kind
+        return (kind, *self._from_pool(pool, rng))
+
+    def _from_pool(self, pool: str, rng: np.random.Generator) -> tuple[int, np.ndarray]:
+        """(volume index, integer centre) drawn from `pool`."""
         if pool in self._pools:
             if pool == "positive" and self.positive_p is not None:
                 pick = int(rng.choice(len(self.positive_p), p=self.positive_p))
             else:
                 pick = int(rng.integers(len(self._pools[pool])))
             v, centre = self._pools[pool][pick]
-            return kind, v, np.asarray(centre)
+            return v, np.asarray(centre)
         attr = self.POOL_ATTR[pool]
         candidates = [i for i, vol in enumerate(self.volumes) if len(getattr(vol, attr))]
         v = candidates[int(rng.integers(len(candidates)))]
         positions = getattr(self.volumes[v], attr)
-        return kind, v, positions[int(rng.integers(len(positions)))]
+        return v, positions[int(rng.integers(len(positions)))]
+
+    def synthetic_site(self, rng: np.random.Generator) -> tuple[int, np.ndarray]:
+        """(volume index, integer centre) for a synthetic CMB: a voxel of a `synthetic.sites` pool (beside it for
+        "dark" and "vessel") that `plausible_site` accepts; after SITE_TRIES misses, a parenchyma-pool voxel."""
+        assert self.synthetic is not None
+        for _ in range(self.SITE_TRIES):
+            pool = self.synthetic_sites[int(rng.integers(len(self.synthetic_sites)))]
+            v, point = self._from_pool(pool, rng)
+            vol = self.volumes[v]
+            site = point if pool == "random" else next_to(point, vol.spacing_mm, self.synthetic, rng)
+            if plausible_site(vol.image, vol.target, site, self.synthetic.parenchyma):
+                return v, site
+        return self._from_pool("random", rng)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.epoch, index])
         kind, v, centre = self.draw(rng)
         vol = self.volumes[v]
-        is_cmb = kind in ("positive", "transplant")
+        is_cmb = kind in ("positive", "transplant", "synthetic")
         shift = self.max_shift if is_cmb else self.negative_shift
         size = region_size(shift)
         image = crop_centred(vol.image, centre, size).astype(np.float32)
@@ -190,6 +225,8 @@ class PatchDataset(Dataset):
         if kind == "transplant":
             stamp = self.stamps[int(rng.integers(len(self.stamps)))]
             paste_stamp(image, target, stamp, float(rng.uniform(*self.transplant_gamma)))
+        elif kind == "synthetic":
+            insert_cmb(image, target, draw_cmb(size, vol.spacing_mm, self.synthetic, rng), rng)
         window = augment_window(self.augmentations[shift], {"image": image[None], "target": target[None]},
                                 seed=int(rng.integers(2**32, dtype=np.uint64)))
         return {

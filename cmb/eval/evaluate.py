@@ -211,7 +211,10 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig | None = None) -> dict[str
         "protocol": {"cv": splits.get("source") if splits.get("source") in ("lotcv", "transfer") else "user_splits",
                      "n_folds": len(splits["folds"]),
                      "unet_batch_sizes": list(cfg.unet.batch_sizes), "cnn_batch_sizes": list(cfg.cnn.batch_sizes),
-                     "mining": str(cfg.mining.mode), "seed": splits.get("seed")},
+                     "mining": str(cfg.mining.mode), "seed": splits.get("seed"),
+                     **({"train_scans_per_fold": int(cfg.protocol.train_scans)} if cfg.get("protocol", {}).get("train_scans") else {}),
+                     **({"synthetic_cmb_share": {s: float(cfg[s].sampling.get("synthetic", 0.0)) for s in ("unet", "cnn")}}
+                        if any(float(cfg[s].sampling.get("synthetic", 0.0)) > 0 for s in ("unet", "cnn")) else {})},
         "candidates": {"definition": CANDIDATE_DEFINITION, "stage1_threshold": s1_thr,
                        "note": "the out-of-fold candidates are the ones infer.py deploys at the same thresholds"},
         "stage1": {"threshold": s1_thr, "sensitivity": s1_point["sensitivity"], "fp_per_scan": s1_point["fp_per_scan"],

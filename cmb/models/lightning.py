@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Sampler
 from torchmetrics.classification import MulticlassAccuracy
 
 from cmb.data.patches import PatchDataset, TrainingVolume
+from cmb.data.synthetic_cmb import SyntheticCMBConfig
 
 
 LRSchedule = Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]
@@ -96,6 +97,7 @@ class PatchDataModule(pl.LightningDataModule):
 
     Use with `reload_dataloaders_every_n_epochs=1` so each epoch (and a resumed run) draws new samples.
     `transplant`: {"sites": [...], "gamma": [lo, hi]} for the mix's "transplant" windows (PatchDataset).
+    `synthetic`: the settings of the mix's "synthetic" windows (cmb.data.synthetic_cmb.SyntheticCMBConfig; None: defaults).
     `positive_weights`: called once at the start of every epoch; returns the positives' draw weights
     for that epoch (PatchDataset) or None (uniform). If it has `state_dict`/`load_state_dict`
     (e.g. `cmb.models.health.ReplaySchedule`), that state travels with the checkpoint.
@@ -108,11 +110,13 @@ class PatchDataModule(pl.LightningDataModule):
 
     def __init__(self, volumes: list[TrainingVolume], batch_size: int, steps_per_epoch: int, mix: dict[str, float], seed: int = 0,
                  max_shift: int = 1, negative_shift: int | None = None, num_workers: int = 0,
-                 transplant: dict[str, Any] | None = None, positive_weights: Callable[[], np.ndarray | None] | None = None) -> None:
+                 transplant: dict[str, Any] | None = None, positive_weights: Callable[[], np.ndarray | None] | None = None,
+                 synthetic: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.volumes, self.batch_size, self.steps_per_epoch = volumes, batch_size, steps_per_epoch
         self.mix, self.seed, self.max_shift, self.negative_shift, self.num_workers = dict(mix), seed, max_shift, negative_shift, num_workers
         self.transplant = {f"transplant_{k}": tuple(v) for k, v in (transplant or {}).items()}  # sites, gamma (PatchDataset)
+        self.synthetic = SyntheticCMBConfig.from_dict(synthetic) if float(self.mix.get("synthetic", 0.0)) > 0 else None
         self.positive_weights = positive_weights
         self._epoch_weights: tuple[int, np.ndarray | None] | None = None  # (epoch, its positive weights)
 
@@ -138,7 +142,7 @@ class PatchDataModule(pl.LightningDataModule):
         n_samples = self.steps_per_epoch * self.batch_size
         dataset = PatchDataset(self.volumes, n_samples, self.mix, seed=self.seed,
                                max_shift=self.max_shift, negative_shift=self.negative_shift, **self.transplant,
-                               positive_weights=self._weights_for(epoch))
+                               positive_weights=self._weights_for(epoch), synthetic=self.synthetic)
         dataset.set_epoch(epoch)
         first = self._first_batch(epoch)
         sampler = ResumeSampler(n_samples, first * self.batch_size) if first else None

@@ -22,12 +22,13 @@ from cmb.models.lightning import CNNModule, UNetModule
 class Sampling:
     """How a training round draws its windows (cmb.models.lightning.PatchDataModule)."""
 
-    mix: dict[str, float]  # share of windows per kind (positive, random, dark, vessel, mimic, transplant)
+    mix: dict[str, float]  # share of windows per kind (positive, random, dark, vessel, mimic, transplant, synthetic)
     steps_per_epoch: int
     max_shift: int  # positives: CMB at the window centre +- this many voxels
     negative_shift: int | None
     transplant: dict[str, Any] | None  # {"sites": [...], "gamma": [lo, hi]} for "transplant" windows
     num_workers: int
+    synthetic: dict[str, Any] | None = None  # cmb.data.synthetic_cmb.SyntheticCMBConfig's fields for "synthetic" windows
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,9 @@ class MemberRecipe:
 
 def _sampling(mix: Any, stage_cfg: DictConfig, num_workers: int) -> Sampling:
     transplant = OmegaConf.to_container(stage_cfg.transplant, resolve=True) if stage_cfg.get("transplant") else None
+    synthetic = OmegaConf.to_container(stage_cfg.synthetic, resolve=True) if stage_cfg.get("synthetic") else None
     return Sampling({str(k): float(v) for k, v in dict(mix).items()}, int(stage_cfg.steps_per_epoch), int(stage_cfg.max_shift),
-                    None if stage_cfg.get("negative_shift") is None else int(stage_cfg.negative_shift), transplant, num_workers)
+                    None if stage_cfg.get("negative_shift") is None else int(stage_cfg.negative_shift), transplant, num_workers, synthetic)
 
 
 def member_recipe(cfg: DictConfig, stage: str) -> MemberRecipe:

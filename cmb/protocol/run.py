@@ -92,9 +92,14 @@ class Protocol:
         return len(self.splits["folds"])
 
     def fold_split(self, fold: int | str) -> dict:
-        if fold == FINAL:
-            return {"fold": FINAL, "train": list(self.scan_ids), "test": []}
-        return select_fold(self.splits, fold if isinstance(fold, int) else int(fold))
+        """The fold's held-out scans and the scans its members train on: all the others, or a seeded subset of
+        `protocol.train_scans` of them (the held-out scans never change)."""
+        split = {"fold": FINAL, "train": list(self.scan_ids), "test": []} if fold == FINAL else \
+            select_fold(self.splits, fold if isinstance(fold, int) else int(fold))
+        limit = self.cfg.protocol.get("train_scans")
+        if limit is None:
+            return split
+        return {**split, "train": seeded_subset(split["train"], int(limit), int(self.cfg.seed), fold)}
 
     def folds_to_run(self) -> list[int | str]:
         folds: list[int | str] = list(range(self.n_folds)) if self.cfg.get("folds") in (None, "all") else [int(f) for f in self.cfg.folds]

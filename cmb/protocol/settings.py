@@ -29,7 +29,7 @@ def member_settings(cfg: DictConfig, stage: str, split: dict, batch_size: int) -
        settings (their negatives), U-Nets with a hard-negative round the matching radius (it
        decides which detections are false);
     2. minus the settings of parts that do not run (the hard-negative round at `refine.steps` 0,
-       the transplant source when no sampling mix draws transplants) and of the health check
+       the transplant source and the synthetic-CMB settings when no sampling mix draws them) and of the health check
        (it keeps a healthy member as it is; a retrained one says so in done.json);
     3. minus every setting at its off value (null, false, 0, empty; `without_off`): an option that
        is off trains the same member as no option at all, so a new option whose default is off
@@ -50,8 +50,9 @@ def member_settings(cfg: DictConfig, stage: str, split: dict, batch_size: int) -
     else:
         keep["stage"].pop("refine", None)
     mixes = [keep["stage"].get("sampling") or {}, (keep["stage"].get("refine") or {}).get("sampling") or {}]
-    if not any(float(m.get("transplant") or 0.0) > 0 for m in mixes):
-        keep["stage"].pop("transplant", None)
+    for kind in ("transplant", "synthetic"):  # a kind's settings count only when a mix draws it
+        if not any(float(m.get(kind) or 0.0) > 0 for m in mixes):
+            keep["stage"].pop(kind, None)
     return without_off(keep)
 
 
