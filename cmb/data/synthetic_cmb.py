@@ -14,13 +14,14 @@ For one sphere of radius a and susceptibility dchi (ppm against its surroundings
    proton density over the tissue's and its extra R2*; 1 and 0 outside the core), averaged into
    voxels: intravoxel dephasing, which makes the CMB bloom beyond its core and depends on voxel size,
    field strength and echo time.
-3. SWI. The voxel factor's phase phi gives the negative-phase mask (1 + phi/pi for phi < 0) to the
-   power 4, as the phantom's SWI processing (Haacke et al. 2004); the magnitude is multiplied by
-   |s| mask^4.
+3. SWI. The voxel factor's homodyne high-pass phase phi = arg(s conj(s_lp)) (s_lp: an in-plane
+   Gaussian low-pass with the second moment of the phantom's Hann filter) gives the negative-phase
+   mask (1 + phi/pi for phi < 0) to the power 4, as the phantom's SWI processing (Haacke et al.
+   2004); the magnitude is multiplied by |s| mask^4.
 
 Approximations, stated: the scan's own SWI magnitude stands in for its tissue signal (the change is
-multiplied in, as a real CMB's is, up to the phase mask of the background); the homodyne filter's
-removal of the CMB's own far, smooth phase is ignored (a slightly wider phase-mask halo); noise removed
+multiplied in, as a real CMB's is, up to the phase mask of the background); the homodyne filter is a
+Gaussian of the same second moment, applied within the window (the field beyond it taken as 0); noise removed
 with the signal (the core goes near 0) is put back as Rician noise of the window's own level.
 """
 
@@ -35,6 +36,9 @@ from scipy import ndimage
 from cmb.data.physics_phantom import GAMMA_HZ_PER_T, b0_direction, block_mean, echo_time_ms
 
 CORE_M0_RATIO = 0.5  # a CMB core's proton density over brain tissue's (the physics phantom: 0.4 against 0.72-0.85)
+# The physics phantom's homodyne filter (a Hann window over 12.5% of k-space in-plane) as a Gaussian low-pass of
+# the same second moment: sigma = N / (pi sqrt(1/3 - 2/pi^2) W) = 0.88 / 0.125 voxels, whatever the matrix size N.
+HOMODYNE_SIGMA_VOX = 0.88 / 0.125
 CORE_R2S_EXTRA_3T = 280.0  # a CMB core's extra R2* at 3 T, 1/s (the physics phantom: 300 against ~20)
 
 
@@ -98,7 +102,8 @@ def sphere_field_ppm(dx: np.ndarray, dy: np.ndarray, dz: np.ndarray, radius_mm: 
 
 
 def simulate_cmb(shape: tuple[int, int, int], spacing_mm: tuple[float, float, float], centre_vox: np.ndarray, diameter_mm: float,
-                 dchi_ppm: float, field_t: float, te_s: float, b0_dir: np.ndarray, oversample: int = 2) -> SimulatedCMB:
+                 dchi_ppm: float, field_t: float, te_s: float, b0_dir: np.ndarray, oversample: int = 2,
+                 homodyne_sigma_vox: float = HOMODYNE_SIGMA_VOX) -> SimulatedCMB:
     """The SWI magnitude factor and core of a CMB centred at `centre_vox` (float voxel coordinates of a
     region of `shape`, spacing mm) for a scanner at `field_t` tesla, echo time `te_s` seconds."""
     os_ = int(oversample)
@@ -114,7 +119,7 @@ def simulate_cmb(shape: tuple[int, int, int], spacing_mm: tuple[float, float, fl
     amplitude = np.where(in_core, np.float32(core_factor), np.float32(1.0))
     real = block_mean(amplitude * np.cos(phase_fine), os_)
     imag = block_mean(-amplitude * np.sin(phase_fine), os_)  # S ~ exp(-i omega TE dB/B0), as the physics phantom
-    phase = np.arctan2(imag, real)
+    phase = homodyne_phase(real, imag, homodyne_sigma_vox)
     mask = np.where(phase < 0, 1.0 + phase / np.pi, 1.0)
     ratio = (np.hypot(real, imag) * mask**4).astype(np.float32)
     grids = np.ix_(*[(np.arange(n) - c) * s for n, c, s in zip(shape, centre_vox, spacing_mm)])
@@ -123,6 +128,15 @@ def simulate_cmb(shape: tuple[int, int, int], spacing_mm: tuple[float, float, fl
     core = np.asarray(core, dtype=bool).copy()
     core[nearest] = True
     return SimulatedCMB(np.minimum(ratio, 1.0), core)
+
+
+def homodyne_phase(real: np.ndarray, imag: np.ndarray, sigma_vox: float) -> np.ndarray:
+    """The high-pass phase arg(s conj(s_lp)) of a CMB's voxel factor s = real + i imag (I, J, K), s_lp an in-plane
+    Gaussian low-pass of `sigma_vox` voxels (s = 1 beyond the region): SWI's homodyne filter, which removes
+    the CMB's own far, smooth phase along with the background's."""
+    low_re = ndimage.gaussian_filter(real, (sigma_vox, sigma_vox, 0), mode="constant", cval=1.0)
+    low_im = ndimage.gaussian_filter(imag, (sigma_vox, sigma_vox, 0), mode="constant", cval=0.0)
+    return np.arctan2(imag * low_re - real * low_im, real * low_re + imag * low_im)
 
 
 def draw_cmb(shape: tuple[int, int, int], spacing_mm: tuple[float, float, float], cfg: SyntheticCMBConfig,
