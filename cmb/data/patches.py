@@ -1,6 +1,7 @@
 """Training patches: CMB-centred positives, transplanted CMBs (`cmb.data.transplant`),
-synthetic CMBs (`cmb.data.synthetic_cmb`), random brain negatives, dark negatives, vessel-like negatives (dark against their
-surroundings) and mined mimics, each augmented by `cmb.data.augment`.
+synthetic CMBs (`cmb.data.synthetic_cmb`), random brain negatives, dark negatives,
+vessel-like negatives (dark against their surroundings) and mined mimics, each augmented
+by `cmb.data.augment`.
 
 Sampling is a pure function of (seed, epoch, index), so results do not depend on the
 number of data-loader workers.
@@ -101,8 +102,8 @@ class PatchDataset(Dataset):
     `transplant_gamma`; it is a positive. A "synthetic" is a CMB simulated by the SWI forward model
     (`cmb.data.synthetic_cmb`, settings `synthetic`) and multiplied into the window at a plausible
     site drawn from `synthetic.sites` (parenchyma, or next to a dark voxel); it is a positive.
-    `positive_weights` (one per training CMB, in the
-    order of `cmb.models.health.cmb_windows`): relative draw weights of the positives
+    `positive_weights` (one per training CMB, in the order of `cmb.models.health.cmb_windows`):
+    relative draw weights of the positives
     (None: uniform). Returns {"image": (1, 20, 20, 16) float32,
     "target": (1, 20, 20, 16) float32, "label": () float32 (1 for a CMB-centred window)}.
     """
