@@ -137,6 +137,8 @@ def test_configured_synthetic_cmbs_reach_the_batches_and_the_settings_hash_only_
         check_train(_compose(["+unet.sampling.synthetic=0.15", "unet.synthetic.diameter_mm=[5,1]"]))
     with pytest.raises(ConfigError, match="cnn.synthetic: unknown synthetic CMB setting"):
         check_train(_compose(["+cnn.sampling.synthetic=0.15", "+cnn.synthetic.radius=2"]))
+    with pytest.raises(ConfigError, match=r"unet.synthetic: synthetic CMB sites must be among \['random', 'dark', 'vessel'\], got \['mimic'\]"):
+        check_train(_compose(["+unet.sampling.synthetic=0.15", "unet.synthetic.sites=[random,mimic]"]))
     with pytest.raises(ConfigError, match="protocol.train_scans=0 is not allowed: a whole number >= 1"):
         check_train(_compose(["protocol.train_scans=0"]))
     data = PatchDataModule([_volume_with_csf_and_nucleus()], batch_size=6, steps_per_epoch=2, mix={"synthetic": 1.0}, seed=0,

@@ -151,11 +151,7 @@ class PatchDataset(Dataset):
             self.stamps = [s for vol in volumes for s in cut_stamps(vol.image, vol.target, vol.cmb_centres, size)]
         if not self.stamps or not self.transplant_sites:
             weights["transplant"] = 0.0
-        self.synthetic = synthetic
-        if synthetic is not None:
-            bad_sites = set(synthetic.sites) - set(self.POOL_ATTR) | ({"mimic"} & set(synthetic.sites))
-            if bad_sites:
-                raise ValueError(f"synthetic CMB sites must be among {sorted(set(self.POOL_ATTR) - {'mimic'})}, got {sorted(bad_sites)}")
+        self.synthetic = synthetic  # its sites were checked by SyntheticCMBConfig
         self.synthetic_sites = [k for k in (synthetic.sites if synthetic else ()) if self._has(k)]
         if not self.synthetic_sites or not self._has("random"):
             weights["synthetic"] = 0.0

@@ -35,6 +35,7 @@ from scipy import ndimage
 
 from cmb.data.physics_phantom import GAMMA_HZ_PER_T, b0_direction, block_mean, echo_time_ms
 
+SITES = ("random", "dark", "vessel")  # the sampling pools a site may be drawn from (cmb.data.patches.PatchDataset.POOL_ATTR)
 CORE_M0_RATIO = 0.5  # a CMB core's proton density over brain tissue's (the physics phantom: 0.4 against 0.72-0.85)
 # The physics phantom's homodyne filter (a Hann window over 12.5% of k-space in-plane) as a Gaussian low-pass of
 # the same second moment: sigma = N / (pi sqrt(1/3 - 2/pi^2) W) = 0.88 / 0.125 voxels, whatever the matrix size N.
@@ -72,13 +73,16 @@ class SyntheticCMBConfig:
         for key in ("sites", "diameter_mm", "dchi_ppm", "fields_t", "parenchyma"):
             if key in values:
                 values[key] = tuple(values[key])
-        cfg = cls(**values)
-        lo, hi = cfg.diameter_mm
-        if not 0 < lo <= hi or not 0 < cfg.dchi_ppm[0] <= cfg.dchi_ppm[1] or not cfg.fields_t or min(cfg.fields_t) <= 0:
-            raise ValueError(f"synthetic CMBs need 0 < diameter_mm lo <= hi, 0 < dchi_ppm lo <= hi and positive fields_t; got {cfg}")
-        if int(cfg.oversample) < 1 or not cfg.sites:
-            raise ValueError(f"synthetic CMBs need oversample >= 1 and at least one site; got {cfg}")
-        return cfg
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        lo, hi = self.diameter_mm
+        if not 0 < lo <= hi or not 0 < self.dchi_ppm[0] <= self.dchi_ppm[1] or not self.fields_t or min(self.fields_t) <= 0:
+            raise ValueError(f"synthetic CMBs need 0 < diameter_mm lo <= hi, 0 < dchi_ppm lo <= hi and positive fields_t; got {self}")
+        if int(self.oversample) < 1 or not self.sites:
+            raise ValueError(f"synthetic CMBs need oversample >= 1 and at least one site; got {self}")
+        if set(self.sites) - set(SITES):
+            raise ValueError(f"synthetic CMB sites must be among {list(SITES)}, got {sorted(set(self.sites) - set(SITES))}")
 
 
 @dataclass(frozen=True)
@@ -123,10 +127,8 @@ def simulate_cmb(shape: tuple[int, int, int], spacing_mm: tuple[float, float, fl
     mask = np.where(phase < 0, 1.0 + phase / np.pi, 1.0)
     ratio = (np.hypot(real, imag) * mask**4).astype(np.float32)
     grids = np.ix_(*[(np.arange(n) - c) * s for n, c, s in zip(shape, centre_vox, spacing_mm)])
-    core = sum(g**2 for g in grids) <= radius**2
-    nearest = tuple(np.clip(np.rint(centre_vox).astype(int), 0, np.asarray(shape) - 1))
-    core = np.asarray(core, dtype=bool).copy()
-    core[nearest] = True
+    core = np.asarray(sum(g**2 for g in grids) <= radius**2)  # a new (I, J, K) array: the open mesh broadcast
+    core[tuple(np.clip(np.rint(centre_vox).astype(int), 0, np.asarray(shape) - 1))] = True
     return SimulatedCMB(np.minimum(ratio, 1.0), core)
 
 

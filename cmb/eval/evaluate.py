@@ -206,6 +206,7 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig | None = None) -> dict[str
     timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
     n_inf = max(1, int(timing.get("n_stage1_scans", 0)))
     best_s1 = {**best_curve_point(s1_curve, stage1_budget), "max_fp_per_scan": stage1_budget, "selection": IN_SAMPLE}
+    synthetic_share = {s: float(cfg[s].sampling.get("synthetic", 0.0)) for s in ("unet", "cnn")}
     results = {
         "dataset": {"name": _dataset_name(cfg), "n_scans": n_scans, "n_cmbs": n_cmbs},
         "protocol": {"cv": splits.get("source") if splits.get("source") in ("lotcv", "transfer") else "user_splits",
@@ -213,8 +214,7 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig | None = None) -> dict[str
                      "unet_batch_sizes": list(cfg.unet.batch_sizes), "cnn_batch_sizes": list(cfg.cnn.batch_sizes),
                      "mining": str(cfg.mining.mode), "seed": splits.get("seed"),
                      **({"train_scans_per_fold": int(cfg.protocol.train_scans)} if cfg.get("protocol", {}).get("train_scans") else {}),
-                     **({"synthetic_cmb_share": {s: float(cfg[s].sampling.get("synthetic", 0.0)) for s in ("unet", "cnn")}}
-                        if any(float(cfg[s].sampling.get("synthetic", 0.0)) > 0 for s in ("unet", "cnn")) else {})},
+                     **({"synthetic_cmb_share": synthetic_share} if any(v > 0 for v in synthetic_share.values()) else {})},
         "candidates": {"definition": CANDIDATE_DEFINITION, "stage1_threshold": s1_thr,
                        "note": "the out-of-fold candidates are the ones infer.py deploys at the same thresholds"},
         "stage1": {"threshold": s1_thr, "sensitivity": s1_point["sensitivity"], "fp_per_scan": s1_point["fp_per_scan"],
