@@ -6,6 +6,12 @@ WINDOW: tuple[int, int, int] = (20, 20, 16)
 """Network window in voxels along (i, j, k); k is the slice axis of an axial SWI."""
 
 
+def input_window(net: object) -> tuple[int, int, int]:
+    """The window a network takes around a centre: its `input_window` (a CNN with a context view,
+    `cmb.models.discriminator.DouCNN`), else `WINDOW`."""
+    return tuple(getattr(net, "input_window", WINDOW))  # type: ignore[return-value]
+
+
 def user_cache_dir() -> str:
     """Where `cmb` caches the synthetic phantom and preprocessed scans, wherever it is run from:
     `$CMB_CACHE`, else `$XDG_CACHE_HOME/cmb`, else `~/.cache/cmb` (the config's `paths.cache_dir`)."""

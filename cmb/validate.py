@@ -115,6 +115,28 @@ def check_train(cfg: DictConfig) -> None:
         integer(cfg, "protocol.train_scans", 1, " or null (all of each fold's training scans)")
     for stage_key in ("unet", "cnn"):
         synthetic_cmbs(cfg, stage_key)
+        sampling_mix(cfg, f"{stage_key}.sampling")
+    if _get(cfg, "unet.refine.sampling") is not None:
+        sampling_mix(cfg, "unet.refine.sampling")
+    if _get(cfg, "cnn.net.context_zoom") is not None:
+        integer(cfg, "cnn.net.context_zoom", 2, " or null (off: the paper's 20x20x16 window alone)")
+
+
+def sampling_mix(cfg: DictConfig, key: str) -> None:
+    """A sampling mix: shares (numbers >= 0) of known window kinds (cmb.data.patches.PatchDataset), at least one above 0."""
+    mix = _get(cfg, key)
+    shares = dict(mix.items()) if isinstance(mix, DictConfig) else None
+    if not shares:
+        raise ConfigError(f"{key}={mix!r} is not allowed: shares of window kinds (e.g. positive: 0.5, random: 0.5)")
+    from cmb.data.patches import PatchDataset  # torch and scipy: imported when a training run is checked, not by infer.py's checks
+
+    for kind, share in shares.items():
+        if kind not in PatchDataset.KINDS:
+            raise ConfigError(f"{key}.{kind} is not a window kind: one of {', '.join(PatchDataset.KINDS)}")
+        if not _is_number(share) or share < 0:
+            raise ConfigError(f"{key}.{kind}={share!r} is not allowed: a share >= 0")
+    if sum(shares.values()) <= 0:
+        raise ConfigError(f"{key}: every share is 0; give at least one window kind a share above 0")
 
 
 def synthetic_cmbs(cfg: DictConfig, stage_key: str) -> None:

@@ -9,7 +9,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from monai.losses import DiceCELoss
 
-from cmb import WINDOW
+from cmb import WINDOW, input_window
+from cmb.data.augment import centred_window
+from cmb.inference.cnn_scores import score_points
 from cmb.data.patches import PatchDataset, TrainingVolume
 from cmb.models.checkpoint import load_model, save_model
 from cmb.models.discriminator import DouCNN
@@ -129,6 +131,51 @@ def test_dou_cnn_shapes() -> None:
     assert net(torch.randn(3, 1, *WINDOW)).shape == (3, 2)
 
 
+def test_context_view_is_the_paper_window_plus_the_zoomed_out_surroundings() -> None:
+    """With context_zoom 2 the net takes a 40x40x32 window; its first channel is exactly the central 20x20x16
+    (the window the paper's net sees, centred on the same voxel) and its second the whole averaged 2x2x2."""
+    net = DouCNN(context_zoom=2).eval()
+    assert net.input_window == (40, 40, 32) and input_window(net) == (40, 40, 32) and input_window(DouCNN()) == WINDOW
+    volume = np.random.default_rng(0).random((70, 66, 50)).astype(np.float32)
+    centre = np.array([33, 30, 24])
+    big = torch.from_numpy(centred_window(volume, centre, (40, 40, 32)))[None, None]
+    views = net.views(big)
+    assert views.shape == (1, 2, *WINDOW)
+    np.testing.assert_array_equal(views[0, 0].numpy(), centred_window(volume, centre, WINDOW))
+    np.testing.assert_allclose(views[0, 1, 10, 10, 8].item(), volume[33:35, 30:32, 24:26].mean(), rtol=1e-6)
+    assert net(big).shape == (1, 2)
+    with pytest.raises(ValueError, match=r"expects windows of \(40, 40, 32\)"):
+        net(torch.zeros(1, 1, *WINDOW))
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="context_zoom"):
+            DouCNN(context_zoom=bad)
+
+
+def test_context_members_train_on_and_score_their_own_larger_windows(tmp_path: Path) -> None:
+    """The training windows a context member gets, its saved file and its scores: the window it takes, the same CMB at
+    the centre, and an ensemble of a context member and a plain one scores each with its own window."""
+    vols = _blob_volumes()
+    plain = PatchDataset(vols, 4, {"positive": 1.0}, seed=3)
+    wide = PatchDataset(vols, 4, {"positive": 1.0}, seed=3, window=(40, 40, 32))
+    for i in range(4):
+        small, large = plain[i], wide[i]
+        assert small["image"].shape == (1, *WINDOW) and large["image"].shape == (1, 40, 40, 32)
+        assert large["label"] == 1 and large["target"][0, 19:22, 19:22, 15:18].sum() > 0  # the CMB stays at the centre (+-1)
+    torch.manual_seed(0)
+    net = DouCNN(context_zoom=2).eval()
+    loaded, _ = load_model(save_model(net, {"context_zoom": 2}, tmp_path / "model.pt", stage="cnn"))
+    assert loaded.input_window == (40, 40, 32)
+    image, points = vols[0].image, vols[0].cmb_centres
+    paper_net = DouCNN().eval()
+    both = score_points([loaded, paper_net], image, points)
+    alone = [score_points([m], image, points) for m in (loaded, paper_net)]
+    np.testing.assert_allclose(both, (alone[0] + alone[1]) / 2, rtol=1e-5)
+    wide_windows = torch.from_numpy(np.stack([centred_window(image, p, (40, 40, 32)) for p in points])[:, None])
+    flips = [torch.softmax(net(torch.flip(wide_windows, d) if d else wide_windows), 1)[:, 1] for d in ((), (2,), (3,), (2, 3))]
+    with torch.no_grad():
+        np.testing.assert_allclose(alone[0], torch.stack(flips).mean(0).numpy(), rtol=1e-5)
+
+
 def _blob_volumes(n: int = 2) -> list[TrainingVolume]:
     rng = np.random.default_rng(0)
     vols = []
@@ -195,3 +242,30 @@ def test_model_file_roundtrip_is_safe(tmp_path: Path) -> None:
     torch.save({"network": "UNet3D", "obj": _Arbitrary()}, evil)  # a pickled arbitrary object
     with pytest.raises(DataError, match="cannot load model safely"):
         load_model(evil)
+
+
+def test_context_zoom_and_sampling_mixes_are_checked_at_the_door_and_enter_the_hash_only_when_on() -> None:
+    from cmb.errors import ConfigError
+    from cmb.protocol.settings import member_settings, settings_hash
+    from cmb.validate import check_train
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+
+    def compose_train(overrides: list[str]):
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            return compose(config_name="train", overrides=overrides)
+
+    for override, message in [("cnn.net.context_zoom=1", r"cnn.net.context_zoom=1 is not allowed: a whole number >= 2 or null"),
+                              ("cnn.net.context_zoom=2.5", "cnn.net.context_zoom=2.5 is not allowed"),
+                              ("cnn.sampling.random=-0.1", r"cnn.sampling.random=-0.1 is not allowed: a share >= 0"),
+                              ("+unet.sampling.veins=0.2", "unet.sampling.veins is not a window kind: one of positive, transplant"),
+                              ("cnn.sampling.positive=0 cnn.sampling.mimic=0 cnn.sampling.dark=0 cnn.sampling.random=0",
+                               "cnn.sampling: every share is 0")]:
+        with pytest.raises(ConfigError, match=message):
+            check_train(compose_train(override.split()))
+    split = {"fold": 0, "train": ["a", "b"], "test": ["c"]}
+    default, off, on = (compose_train(o) for o in ([], ["cnn.net.context_zoom=null"], ["cnn.net.context_zoom=2"]))
+    check_train(on)
+    hashes = [settings_hash(member_settings(c, "cnn", split, 20)) for c in (default, off, on)]
+    assert hashes[0] == hashes[1] != hashes[2]
+    assert settings_hash(member_settings(on, "unet", split, 20)) == settings_hash(member_settings(default, "unet", split, 20))

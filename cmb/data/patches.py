@@ -104,8 +104,9 @@ class PatchDataset(Dataset):
     site drawn from `synthetic.sites` (parenchyma, or next to a dark voxel); it is a positive.
     `positive_weights` (one per training CMB, in the order of `cmb.models.health.cmb_windows`):
     relative draw weights of the positives
-    (None: uniform). Returns {"image": (1, 20, 20, 16) float32,
-    "target": (1, 20, 20, 16) float32, "label": () float32 (1 for a CMB-centred window)}.
+    (None: uniform). `window`: the window cut (20x20x16; larger for a CNN with a context view,
+    `cmb.models.discriminator.DouCNN.input_window`). Returns {"image": (1, *window) float32,
+    "target": (1, *window) float32, "label": () float32 (1 for a CMB-centred window)}.
     """
 
     KINDS = ("positive", "transplant", "synthetic", "random", "dark", "vessel", "mimic")
@@ -115,7 +116,8 @@ class PatchDataset(Dataset):
     def __init__(self, volumes: list[TrainingVolume], n_samples: int, mix: dict[str, float], seed: int = 0,
                  max_shift: int = 1, flip: bool = True, rotate: bool = True, negative_shift: int | None = None,
                  transplant_sites: tuple[str, ...] = ("dark", "mimic"), transplant_gamma: tuple[float, float] = (0.75, 1.25),
-                 positive_weights: np.ndarray | None = None, synthetic: SyntheticCMBConfig | None = None) -> None:
+                 positive_weights: np.ndarray | None = None, synthetic: SyntheticCMBConfig | None = None,
+                 window: tuple[int, int, int] = WINDOW) -> None:
         if not volumes:
             raise ValueError("PatchDataset needs at least one training volume")
         self.volumes = volumes
@@ -124,7 +126,8 @@ class PatchDataset(Dataset):
         self.epoch = 0
         self.max_shift = max_shift
         self.negative_shift = max_shift if negative_shift is None else negative_shift
-        self.augmentations = {shift: window_augmentation(shift, WINDOW, flip, rotate) for shift in {self.max_shift, self.negative_shift}}
+        self.window = tuple(int(w) for w in window)
+        self.augmentations = {shift: window_augmentation(shift, self.window, flip, rotate) for shift in {self.max_shift, self.negative_shift}}
         unknown = set(mix) - set(self.KINDS)
         if unknown:
             raise ValueError(f"unknown sampling kind(s) {sorted(unknown)}; known: {self.KINDS}")
@@ -146,7 +149,7 @@ class PatchDataset(Dataset):
         self.transplant_sites = [k for k in transplant_sites if self._has(k)]
         self.transplant_gamma = tuple(float(g) for g in transplant_gamma)
         self.stamps = []
-        if weights["transplant"] > 0:  # cut once per dataset (per epoch): tens of small crops
+        if weights["transplant"] > 0:  # cut once per dataset (per epoch): tens of small crops, at most the 20x20x16 region
             size = region_size(max_shift)
             self.stamps = [s for vol in volumes for s in cut_stamps(vol.image, vol.target, vol.cmb_centres, size)]
         if not self.stamps or not self.transplant_sites:
@@ -216,7 +219,7 @@ class PatchDataset(Dataset):
         vol = self.volumes[v]
         is_cmb = kind in ("positive", "transplant", "synthetic")
         shift = self.max_shift if is_cmb else self.negative_shift
-        size = region_size(shift)
+        size = region_size(shift, self.window)
         image = crop_centred(vol.image, centre, size).astype(np.float32)
         target = crop_centred(vol.target, centre, size).astype(np.float32)
         if kind == "transplant":

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cmb import WINDOW
+from cmb import input_window
 from cmb.data.augment import centred_window
 from cmb.inference.candidates import Candidate
 
@@ -19,6 +19,8 @@ def score_points(nets: list[nn.Module], image: np.ndarray, points_vox: np.ndarra
     """Mean CMB probability of the ensemble for windows centred on each point.
 
     image: normalized float32 (I, J, K); points_vox: (N, 3) voxel positions (rounded).
+    Each member gets the window it takes (`cmb.input_window`: 20x20x16, or larger with a
+    context view), zero-padded past the volume's edge.
     With `tta`, each member also sees the window flipped along i and j, and the
     probabilities are averaged (cheap, and the model was trained on flips).
     Returns (N,) float32 in [0, 1].
@@ -26,14 +28,17 @@ def score_points(nets: list[nn.Module], image: np.ndarray, points_vox: np.ndarra
     points = np.rint(np.asarray(points_vox, dtype=float).reshape(-1, 3)).astype(int)
     if len(points) == 0:
         return np.zeros(0, dtype=np.float32)
-    windows = np.stack([centred_window(image, p, WINDOW) for p in points])[:, None].astype(np.float32)
+    windows: dict[tuple[int, int, int], np.ndarray] = {}  # cut once per window size among the members
     device = torch.device(device)
     probs = np.zeros(len(points), dtype=np.float64)
     views = [(), (2,), (3,), (2, 3)] if tta else [()]
     for net in nets:
+        size = input_window(net)
+        if size not in windows:
+            windows[size] = np.stack([centred_window(image, p, size) for p in points])[:, None].astype(np.float32)
         net = net.to(device).eval()
-        for start in range(0, len(windows), batch_size):
-            batch = torch.from_numpy(windows[start : start + batch_size]).to(device)
+        for start in range(0, len(points), batch_size):
+            batch = torch.from_numpy(windows[size][start : start + batch_size]).to(device)
             acc = torch.zeros(len(batch), dtype=torch.float64, device=device)
             for dims in views:
                 x = torch.flip(batch, dims) if dims else batch

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from torchmetrics.classification import MulticlassAccuracy
 
+from cmb import WINDOW
 from cmb.data.patches import PatchDataset, TrainingVolume
 from cmb.data.synthetic_cmb import SyntheticCMBConfig
 
@@ -98,6 +99,7 @@ class PatchDataModule(pl.LightningDataModule):
     Use with `reload_dataloaders_every_n_epochs=1` so each epoch (and a resumed run) draws new samples.
     `transplant`: {"sites": [...], "gamma": [lo, hi]} for the mix's "transplant" windows (PatchDataset).
     `synthetic`: the settings of the mix's "synthetic" windows (cmb.data.synthetic_cmb.SyntheticCMBConfig; None: defaults).
+    `window`: the window each sample is cut to (the network's, `cmb.input_window`).
     `positive_weights`: called once at the start of every epoch; returns the positives' draw weights
     for that epoch (PatchDataset) or None (uniform). If it has `state_dict`/`load_state_dict`
     (e.g. `cmb.models.health.ReplaySchedule`), that state travels with the checkpoint.
@@ -111,9 +113,9 @@ class PatchDataModule(pl.LightningDataModule):
     def __init__(self, volumes: list[TrainingVolume], batch_size: int, steps_per_epoch: int, mix: dict[str, float], seed: int = 0,
                  max_shift: int = 1, negative_shift: int | None = None, num_workers: int = 0,
                  transplant: dict[str, Any] | None = None, positive_weights: Callable[[], np.ndarray | None] | None = None,
-                 synthetic: dict[str, Any] | None = None) -> None:
+                 synthetic: dict[str, Any] | None = None, window: tuple[int, int, int] = WINDOW) -> None:
         super().__init__()
-        self.volumes, self.batch_size, self.steps_per_epoch = volumes, batch_size, steps_per_epoch
+        self.volumes, self.batch_size, self.steps_per_epoch, self.window = volumes, batch_size, steps_per_epoch, tuple(window)
         self.mix, self.seed, self.max_shift, self.negative_shift, self.num_workers = dict(mix), seed, max_shift, negative_shift, num_workers
         self.transplant = {f"transplant_{k}": tuple(v) for k, v in (transplant or {}).items()}  # sites, gamma (PatchDataset)
         self.synthetic = SyntheticCMBConfig.from_dict(synthetic) if float(self.mix.get("synthetic", 0.0)) > 0 else None
@@ -142,7 +144,7 @@ class PatchDataModule(pl.LightningDataModule):
         n_samples = self.steps_per_epoch * self.batch_size
         dataset = PatchDataset(self.volumes, n_samples, self.mix, seed=self.seed,
                                max_shift=self.max_shift, negative_shift=self.negative_shift, **self.transplant,
-                               positive_weights=self._weights_for(epoch), synthetic=self.synthetic)
+                               positive_weights=self._weights_for(epoch), synthetic=self.synthetic, window=self.window)
         dataset.set_epoch(epoch)
         first = self._first_batch(epoch)
         sampler = ResumeSampler(n_samples, first * self.batch_size) if first else None

@@ -21,6 +21,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from cmb import input_window
 from cmb.data.io import atomic_write_text
 from cmb.data.patches import TrainingVolume
 from cmb.inference.candidates import read_candidates, write_candidates
@@ -187,7 +188,8 @@ def fit(module: pl.LightningModule, volumes: list[TrainingVolume], batch_size: i
     `out`, the metrics history merged into `metrics_to`."""
     data = PatchDataModule(volumes, batch_size, sampling.steps_per_epoch, sampling.mix, seed=seed, max_shift=sampling.max_shift,
                            negative_shift=sampling.negative_shift, num_workers=sampling.num_workers,
-                           transplant=sampling.transplant, positive_weights=positive_weights, synthetic=sampling.synthetic)
+                           transplant=sampling.transplant, positive_weights=positive_weights, synthetic=sampling.synthetic,
+                           window=input_window(module.net))
     trainer = trainers.make(out, max_steps, run_name, seed, label, kind)
     last = last_checkpoint(out)
     if last.is_file():
