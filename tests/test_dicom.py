@@ -123,3 +123,19 @@ def test_reading_dicom_leaves_the_process_locale_and_utf8_text_files_alone(tmp_p
     from cmb.data.io import atomic_write_text
 
     assert atomic_write_text("1/8 … 8 FP/scan", tmp_path / "r.md").read_text(encoding="utf-8") == "1/8 … 8 FP/scan"
+
+
+def test_a_multi_frame_file_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    """One DICOM file holding every slice as frames (as enhanced MR does) is named as such, not as a single slice."""
+    folder = tmp_path / "multiframe"
+    folder.mkdir()
+    image = sitk.GetImageFromArray(_volume((16, 16, 5)).transpose(2, 1, 0))
+    for tag, value in {"0020|000e": SERIES, "0020|000d": "1.2.3.4", "0008|0060": "MR", "0008|0016": "1.2.840.10008.5.1.4.1.1.4"}.items():
+        image.SetMetaData(tag, value)
+    with keep_locale():
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        writer.SetFileName(str(folder / "volume.dcm"))
+        writer.Execute(image)
+    with pytest.raises(DataError, match=r"volume.dcm is a multi-frame DICOM file \(5 frames in one file.*convert it to NIfTI"):
+        read_dicom_series(folder)

@@ -26,6 +26,7 @@ from cmb.errors import DataError
 log = logging.getLogger(__name__)
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 TAG_POSITION, TAG_ORIENTATION, TAG_SOP_UID = "0020|0032", "0020|0037", "0008|0018"
+TAG_FRAMES = "0028|0008"  # Number of Frames: > 1 in a multi-frame (e.g. enhanced MR) file
 SPACING_TOLERANCE = 0.01  # slice gaps may differ from their median by 1% (rounding in the positions' decimal strings)
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -85,6 +86,17 @@ def _numbers(value: str, n: int, tag: str, file: str, folder: Path) -> np.ndarra
     return numbers
 
 
+def _frame_count(reader: sitk.ImageFileReader, keys: set[str]) -> int:
+    """Frames in one DICOM file: its Number of Frames tag (0028,0008), else its third image dimension."""
+    if TAG_FRAMES in keys:
+        try:
+            return int(float(reader.GetMetaData(TAG_FRAMES).strip()))
+        except ValueError:
+            pass
+    size = reader.GetSize()
+    return int(size[2]) if len(size) > 2 else 1
+
+
 def _slice_headers(files: list[str], folder: Path) -> list[dict]:
     """Position, orientation, size and SOP UID of every file (headers only, no pixel data)."""
     headers = []
@@ -96,6 +108,10 @@ def _slice_headers(files: list[str], folder: Path) -> list[dict]:
         except RuntimeError as err:
             raise DataError(folder, f"cannot read the DICOM file {Path(file).name} ({str(err).strip().splitlines()[-1]})") from None
         keys = set(reader.GetMetaDataKeys())
+        frames = _frame_count(reader, keys)
+        if frames > 1:
+            raise DataError(folder, f"{Path(file).name} is a multi-frame DICOM file ({frames} frames in one file, e.g. enhanced MR); "
+                                    "cmb reads a series of single-slice files: convert it to NIfTI (e.g. dcm2niix) and give the .nii.gz")
         missing = [t for t in (TAG_POSITION, TAG_ORIENTATION) if t not in keys]
         if missing:
             raise DataError(folder, f"{Path(file).name} has no image position/orientation ({', '.join(missing)}): not a volume slice")
