@@ -3,6 +3,7 @@
     <run>/config.yaml, metadata.json, splits.json, timing.json, logs/
     <run>/fold_<k>/<stage>_bs<n>/              one member (stage: unet | cnn); MemberFiles below
     <run>/fold_<k>/mimics/<scan>.csv           mined U-Net false positives on fold k's training scans
+    <run>/fold_<k>/stage1_hits/<scan>.csv      mined U-Net components that hit a CMB of fold k's training scans
     <run>/fold_<k>/unet_candidates/<scan>.csv  held-out scans: components of the U-Nets' combined map
     <run>/fold_<k>/cnn_scores/<scan>.csv       the same candidates with the CNNs' score
     <run>/fold_<k>/paper_mining/<scan>.csv     mining.mode=paper: held-out components at the mining threshold
@@ -27,6 +28,7 @@ UNET_CANDIDATES = "unet_candidates"
 CNN_SCORES = "cnn_scores"
 PAPER_MINING = "paper_mining"
 MIMICS = "mimics"
+STAGE1_HITS = "stage1_hits"
 TRUTH = "truth"
 FOLDER_MEMBERS = {UNET_CANDIDATES: ("unet",), PAPER_MINING: ("unet",), CNN_SCORES: ("unet", "cnn")}
 

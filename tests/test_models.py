@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -258,7 +259,7 @@ def test_context_zoom_and_sampling_mixes_are_checked_at_the_door_and_enter_the_h
     for override, message in [("cnn.net.context_zoom=1", r"cnn.net.context_zoom=1 is not allowed: a whole number >= 2 or null"),
                               ("cnn.net.context_zoom=2.5", "cnn.net.context_zoom=2.5 is not allowed"),
                               ("cnn.sampling.random=-0.1", r"cnn.sampling.random=-0.1 is not allowed: a share >= 0"),
-                              ("+unet.sampling.veins=0.2", "unet.sampling.veins is not a window kind: one of positive, transplant"),
+                              ("+unet.sampling.veins=0.2", "unet.sampling.veins is not a window kind: one of positive, hit, transplant"),
                               ("cnn.sampling.positive=0 cnn.sampling.mimic=0 cnn.sampling.dark=0 cnn.sampling.random=0",
                                "cnn.sampling: every share is 0")]:
         with pytest.raises(ConfigError, match=message):
@@ -269,3 +270,29 @@ def test_context_zoom_and_sampling_mixes_are_checked_at_the_door_and_enter_the_h
     hashes = [settings_hash(member_settings(c, "cnn", split, 20)) for c in (default, off, on)]
     assert hashes[0] == hashes[1] != hashes[2]
     assert settings_hash(member_settings(on, "unet", split, 20)) == settings_hash(member_settings(default, "unet", split, 20))
+
+
+def test_stage1_hits_are_mined_where_the_unets_place_them_and_drawn_as_positives(tmp_path: Path) -> None:
+    """Mining splits the U-Net components into false positives (mimics) and components that hit a CMB; a "hit"
+    window is centred (+-1 voxel) where the component was, not at the CMB's centroid, and labelled a CMB."""
+    from cmb.data.scan import CMBInstance, Scan
+    from cmb.protocol.mining import mine_leak_free
+    from cmb.protocol.scans import candidate_voxels
+
+    shape, affine = (48, 48, 32), np.diag([0.5, 0.5, 1.0, 1.0])
+    scan = Scan("s0", np.zeros(shape, np.float32), affine, tmp_path / "s0.nii.gz", cmbs=[CMBInstance((14.0, 14.0, 10.0), (7.0, 7.0, 10.0))])
+    prob = np.zeros(shape, np.float32)
+    prob[16:19, 13:16, 9:12] = 0.9  # a component 3 voxels (1.5 mm) off the CMB's centre: a hit at 2.5 mm
+    prob[35:38, 35:38, 20:23] = 0.8  # far from any CMB: a mimic
+    mine_leak_free(["s0"], lambda s: (scan, None), lambda pre: prob, 0.15, 2.5, tmp_path / "mimics", tmp_path / "hits")
+    np.testing.assert_array_equal(candidate_voxels(tmp_path / "mimics" / "s0.csv"), [[36, 36, 21]])
+    np.testing.assert_array_equal(candidate_voxels(tmp_path / "hits" / "s0.csv"), [[17, 14, 10]])
+
+    vols = [replace(v, stage1_hits=np.array([[20, 17, 10]]), cmb_centres=np.zeros((0, 3), int)) for v in _blob_volumes(1)]
+    ds = PatchDataset(vols, 16, {"hit": 1.0, "positive": 1.0}, seed=0, flip=False, rotate=False)
+    assert ds.kinds == ["hit"]  # no CMB centroids to draw "positive" from: only the hits
+    for i in range(16):
+        item = ds[i]
+        assert item["label"] == 1
+        off = np.argwhere(item["image"][0].numpy() < 0.3).mean(0) - np.array(WINDOW) // 2  # the CMB blob at (14, 14, 10)
+        assert np.all(np.abs(off - np.array([-6, -3, 0])) <= 1.01)

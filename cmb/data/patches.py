@@ -32,7 +32,8 @@ class TrainingVolume:
 
     image: normalized float32 (I, J, K); target: uint8 (I, J, K) CMB voxels;
     cmb_centres: (N, 3) int voxel centres; brain/dark/vessel: (M, 3) int candidate negative centres;
-    mimics: (P, 3) int centres of mined stage-1 false positives; spacing_mm: voxel size (i, j, k).
+    mimics: (P, 3) int centres of mined stage-1 false positives; stage1_hits: (H, 3) int centres of mined
+    stage-1 components that hit a CMB (where the U-Nets place them); spacing_mm: voxel size (i, j, k).
     """
 
     scan_id: str
@@ -43,6 +44,7 @@ class TrainingVolume:
     dark: np.ndarray
     mimics: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), dtype=int))
     vessel: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), dtype=int))
+    stage1_hits: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), dtype=int))
     spacing_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
 
@@ -95,9 +97,11 @@ def build_training_volume(scan: Scan, pre: Preprocessed, *, point_radius_mm: flo
 class PatchDataset(Dataset):
     """Random augmented 20x20x16 windows from training volumes.
 
-    Each item picks a kind by `mix` (weights over "positive", "transplant", "random", "dark",
-    "vessel", "mimic"; kinds with nothing to draw from are skipped), a volume and a centre,
-    then augments. A "transplant" is a training CMB (any volume's) laid onto a centre drawn
+    Each item picks a kind by `mix` (weights over "positive", "hit", "transplant", "synthetic", "random",
+    "dark", "vessel", "mimic"; kinds with nothing to draw from are skipped), a volume and a centre,
+    then augments. A "hit" is a positive centred where the stage-1 U-Nets placed a candidate that hit a
+    training CMB (mined, `TrainingVolume.stage1_hits`): off-centre for a large or irregular CMB, as
+    the candidates stage 2 scores are. A "transplant" is a training CMB (any volume's) laid onto a centre drawn
     from the `transplant_sites` pools, darkened by ratio**gamma with gamma uniform in
     `transplant_gamma`; it is a positive. A "synthetic" is a CMB simulated by the SWI forward model
     (`cmb.data.synthetic_cmb`, settings `synthetic`) and multiplied into the window at a plausible
@@ -109,7 +113,7 @@ class PatchDataset(Dataset):
     "target": (1, *window) float32, "label": () float32 (1 for a CMB-centred window)}.
     """
 
-    KINDS = ("positive", "transplant", "synthetic", "random", "dark", "vessel", "mimic")
+    KINDS = ("positive", "hit", "transplant", "synthetic", "random", "dark", "vessel", "mimic")
     SITE_TRIES = 20  # draws for a plausible synthetic-CMB site before one from the parenchyma pool is taken as it is
     POOL_ATTR = {"random": "brain", "dark": "dark", "vessel": "vessel", "mimic": "mimics"}
 
@@ -134,6 +138,7 @@ class PatchDataset(Dataset):
         self._pools = {  # drawn from as one list over all volumes; the other kinds pick a volume first
             "positive": [(v, c) for v, vol in enumerate(volumes) for c in vol.cmb_centres],
             "mimic": [(v, c) for v, vol in enumerate(volumes) for c in vol.mimics],
+            "hit": [(v, c) for v, vol in enumerate(volumes) for c in vol.stage1_hits],
         }
         self.positive_p = None  # None: positives uniform over all training CMBs
         if positive_weights is not None:
@@ -217,7 +222,7 @@ class PatchDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         kind, v, centre = self.draw(rng)
         vol = self.volumes[v]
-        is_cmb = kind in ("positive", "transplant", "synthetic")
+        is_cmb = kind in ("positive", "hit", "transplant", "synthetic")
         shift = self.max_shift if is_cmb else self.negative_shift
         size = region_size(shift, self.window)
         image = crop_centred(vol.image, centre, size).astype(np.float32)

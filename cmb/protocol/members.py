@@ -55,6 +55,7 @@ class MemberJob:
     stamp: dict[str, Any]  # the settings stamp (cmb.protocol.settings) written into started.json and done.json
     label: str  # progress lines: 'fold 3/8 · unet_bs20'
     mimics_dir: Path | None = None  # CNNs: the fold's mined mimics
+    hits_dir: Path | None = None  # CNNs drawing "hit" windows: the fold's mined stage-1 hits
 
 
 @dataclass
@@ -85,7 +86,7 @@ def train_member(recipe: MemberRecipe, job: MemberJob, ctx: TrainingContext) -> 
     files = job.files
     atomic_write_text(json.dumps(job.stamp), files.started)
     t0 = time.perf_counter()
-    volumes = ctx.store.training_volumes(job.train_scans, job.mimics_dir)
+    volumes = ctx.store.training_volumes(job.train_scans, job.mimics_dir, job.hits_dir)
     rejected = files.rejected_attempts()  # a resumed member goes on with the attempt it was at
     while True:
         seed = member_seed(job.run_seed, job.stage, job.fold, job.batch_size, attempt=len(rejected))

@@ -1,4 +1,5 @@
-"""Mimics: U-Net false positives that stage 2 learns to reject.
+"""Mimics: U-Net false positives that stage 2 learns to reject; and stage-1 hits, the U-Net components
+that hit a training CMB, where the U-Nets place them (stage 2's "hit" windows, a positive kind).
 
 leak_free: fold k's own U-Nets on fold k's training scans (a seeded subset of `max_scans`), at the
 mining threshold. paper (Rau et al.): each training scan's mimics are the false positives of the
@@ -31,26 +32,40 @@ def scan_truth(scan: Scan) -> Truth:
     return Truth(scan.centroids_vox, scan.spacing_mm, scan.instances)
 
 
-def false_positives(prob: np.ndarray, threshold: float, scan: Scan, match_radius_mm: float) -> list[Candidate]:
-    """Components of `prob >= threshold` (I, J, K) that hit no CMB of `scan` (matching rule of docs/design.md)."""
+def split_components(prob: np.ndarray, threshold: float, scan: Scan, match_radius_mm: float) -> tuple[list[Candidate], list[Candidate]]:
+    """Components of `prob >= threshold` (I, J, K): (those that hit no CMB of `scan`, those that hit one),
+    by the matching rule of docs/design.md."""
     cands = extract_candidates(prob, threshold, scan.affine, scan.scan_id)
     hits = hit_sets(np.array([c.voxel for c in cands]).reshape(-1, 3), scan_truth(scan), match_radius_mm)
-    return [c for c, h in zip(cands, hits) if not h]
+    return [c for c, h in zip(cands, hits) if not h], [c for c, h in zip(cands, hits) if h]
+
+
+def false_positives(prob: np.ndarray, threshold: float, scan: Scan, match_radius_mm: float) -> list[Candidate]:
+    """Components of `prob >= threshold` (I, J, K) that hit no CMB of `scan` (matching rule of docs/design.md)."""
+    return split_components(prob, threshold, scan, match_radius_mm)[0]
 
 
 def mine_leak_free(scan_ids: list[str], load: Callable[[str], tuple[Scan, Preprocessed]],
-                   unet_map: Callable[[Preprocessed], np.ndarray], threshold: float, match_radius_mm: float, out: Path) -> None:
-    """`out/<scan>.csv`: the false positives of the fold's combined U-Net map (`unet_map`) at `threshold`."""
+                   unet_map: Callable[[Preprocessed], np.ndarray], threshold: float, match_radius_mm: float, out: Path,
+                   hits_out: Path) -> None:
+    """`out/<scan>.csv`: the false positives of the fold's combined U-Net map (`unet_map`) at `threshold`;
+    `hits_out/<scan>.csv`: its components that hit a CMB, where the U-Nets place them (the "hit" windows of
+    stage 2). A file already there is kept (same U-Nets, same scan: the same components)."""
+    hits_out.mkdir(parents=True, exist_ok=True)
     for scan_id in scan_ids:
         scan, pre = load(scan_id)
-        mimics = false_positives(unet_map(pre), threshold, scan, match_radius_mm)
-        write_candidates(mimics, out / f"{scan_id}.csv")
-        log.info("%d mimics mined on %s", len(mimics), scan_id)
+        mimics, hits = split_components(unet_map(pre), threshold, scan, match_radius_mm)
+        if not (out / f"{scan_id}.csv").is_file():
+            write_candidates(mimics, out / f"{scan_id}.csv")
+        if not (hits_out / f"{scan_id}.csv").is_file():
+            write_candidates(hits, hits_out / f"{scan_id}.csv")
+        log.info("%d mimics and %d stage-1 hits mined on %s", len(mimics), len(hits), scan_id)
 
 
-def mine_paper(scan_ids: list[str], heldout_components: Callable[[str], Path], out: Path) -> None:
+def mine_paper(scan_ids: list[str], heldout_components: Callable[[str], Path], out: Path, hits_out: Path) -> None:
     """`out/<scan>.csv`: the components that hit no CMB among the held-out components of the fold that held
-    each scan out (`heldout_components(scan_id)` -> its paper_mining CSV)."""
+    each scan out (`heldout_components(scan_id)` -> its paper_mining CSV); `hits_out/<scan>.csv`: those that hit one."""
+    hits_out.mkdir(parents=True, exist_ok=True)
     for scan_id in scan_ids:
         path = heldout_components(scan_id)
         if not path.is_file():
@@ -59,4 +74,5 @@ def mine_paper(scan_ids: list[str], heldout_components: Callable[[str], Path], o
         cands, rows = read_candidates(path)
         mimics = [c for c, r in zip(cands, rows) if not r["hits"]]
         write_candidates(mimics, out / f"{scan_id}.csv")
+        write_candidates([c for c, r in zip(cands, rows) if r["hits"]], hits_out / f"{scan_id}.csv")
         log.info("%d mimics mined on %s", len(mimics), scan_id)

@@ -26,7 +26,7 @@ from cmb.data.splits import make_or_load_splits, select_fold
 from cmb.errors import ConfigError
 from cmb.eval.run_files import folder_settings
 from cmb.inference.unet_map import UNetMapConfig, ensemble_probability
-from cmb.layout import CNN_SCORES, FINAL, MIMICS, PAPER_MINING, STAGES, TRUTH, UNET_CANDIDATES, RunLayout, member_name
+from cmb.layout import CNN_SCORES, FINAL, MIMICS, PAPER_MINING, STAGE1_HITS, STAGES, TRUTH, UNET_CANDIDATES, RunLayout, member_name
 from cmb.models.checkpoint import load_model
 from cmb.progress import TrainingClock
 from cmb.protocol import detection, mining
@@ -152,18 +152,20 @@ class Protocol:
         if files.started.is_file() and not stamp_matches(files.started, stamp["settings_hash"]):
             raise ConfigError(f"{files.root}: this unfinished member was started with other settings; use a new run (name=...) or "
                               "delete the member folder")
-        mimics_dir = None
+        mimics_dir = hits_dir = None
         if stage == "cnn":
             mimics_dir = self.layout.fold_folder(fold, MIMICS)
-            missing = [s for s in self.mined_scans(fold) if not (mimics_dir / f"{s}.csv").is_file()]
-            if missing:
-                raise MissingPrerequisite(f"{mimics_dir}: no mined mimics for training scan(s) {missing[:4]} of fold {fold}; "
-                                          f"run `python train.py stage=mine fold={fold}` first (it needs both U-Nets of the fold)")
+            hits_dir = self.layout.fold_folder(fold, STAGE1_HITS) if self.draws_stage1_hits else None
+            for folder, what in ((mimics_dir, "mined mimics"), (hits_dir, "mined stage-1 hits")):
+                missing = [s for s in self.mined_scans(fold) if folder is not None and not (folder / f"{s}.csv").is_file()]
+                if missing:
+                    raise MissingPrerequisite(f"{folder}: no {what} for training scan(s) {missing[:4]} of fold {fold}; "
+                                              f"run `python train.py stage=mine fold={fold}` first (it needs both U-Nets of the fold)")
         self._plan(stage, fold, batch_size)
         split = self.fold_split(fold)
         where = "final models" if fold == FINAL else f"fold {fold}/{self.n_folds}"
         job = MemberJob(stage, fold, int(batch_size), split["train"], split["test"], int(self.cfg.seed), files, stamp,
-                        f"{where} · {member_name(stage, batch_size)}", mimics_dir)
+                        f"{where} · {member_name(stage, batch_size)}", mimics_dir, hits_dir)
         train_member(self.recipes[stage], job, self.context)
         return files.root
 
@@ -187,19 +189,26 @@ class Protocol:
                 return int(f["fold"])
         raise ConfigError(f"scan {scan_id} is in no fold's held-out set")
 
+    @property
+    def draws_stage1_hits(self) -> bool:
+        """Whether the CNNs' sampling mix draws "hit" windows (then mining also keeps the stage-1 hits)."""
+        return float(self.cfg.cnn.sampling.get("hit", 0.0)) > 0
+
     def mine(self, fold: int | str) -> Path:
-        """Save U-Net false positives (combined map >= mining threshold) for the fold's training scans."""
+        """Save U-Net false positives (combined map >= mining threshold) for the fold's training scans, and the
+        components that hit a CMB (`stage1_hits/`; needed when the CNNs draw "hit" windows)."""
         self.prepare()
-        out = self.layout.fold_folder(fold, MIMICS)
-        todo = [s for s in self.mined_scans(fold) if not (out / f"{s}.csv").is_file()]
+        out, hits_out = self.layout.fold_folder(fold, MIMICS), self.layout.fold_folder(fold, STAGE1_HITS)
+        todo = [s for s in self.mined_scans(fold) if not (out / f"{s}.csv").is_file()
+                or (self.draws_stage1_hits and not (hits_out / f"{s}.csv").is_file())]
         mode = str(self.cfg.mining.mode)
         if not todo:
             return out
         if mode == "leak_free":
             mining.mine_leak_free(todo, self.store.load, self.unet_map(self.members("unet", fold)), float(self.cfg.mining.threshold),
-                                  float(self.cfg.eval.match_radius_mm), out)
+                                  float(self.cfg.eval.match_radius_mm), out, hits_out)
         elif mode == "paper":
-            mining.mine_paper(todo, lambda s: self.layout.scan_file(self.heldout_fold_of(s), PAPER_MINING, s), out)
+            mining.mine_paper(todo, lambda s: self.layout.scan_file(self.heldout_fold_of(s), PAPER_MINING, s), out, hits_out)
         else:
             raise ConfigError(f"mining.mode must be one of {MINING_MODES}, got {mode!r}")
         return out

@@ -63,8 +63,9 @@ class ScanStore:
         self.timing.add("preprocess", time.perf_counter() - t)
         return scan, pre
 
-    def training_volumes(self, scan_ids: list[str], mimics_dir: Path | None = None) -> list[TrainingVolume]:
-        """Targets and negative pools per scan, with the mimics of `mimics_dir/<scan>.csv` attached where present."""
+    def training_volumes(self, scan_ids: list[str], mimics_dir: Path | None = None, hits_dir: Path | None = None) -> list[TrainingVolume]:
+        """Targets and negative pools per scan, with the mimics of `mimics_dir/<scan>.csv` and the stage-1 hits of
+        `hits_dir/<scan>.csv` attached where present."""
         volumes = []
         o = self.options
         for scan_id in scan_ids:
@@ -74,7 +75,14 @@ class ScanStore:
                                                                vessel_contrast=o.vessel_contrast, seed=o.seed)
             vol = self._volumes[scan_id]
             if mimics_dir is not None and (mimics_dir / f"{scan_id}.csv").is_file():
-                cands, _ = read_candidates(mimics_dir / f"{scan_id}.csv")
-                vol = replace(vol, mimics=np.rint(np.array([c.voxel for c in cands])).astype(int).reshape(-1, 3))
+                vol = replace(vol, mimics=candidate_voxels(mimics_dir / f"{scan_id}.csv"))
+            if hits_dir is not None and (hits_dir / f"{scan_id}.csv").is_file():
+                vol = replace(vol, stage1_hits=candidate_voxels(hits_dir / f"{scan_id}.csv"))
             volumes.append(vol)
         return volumes
+
+
+def candidate_voxels(path: Path) -> np.ndarray:
+    """(N, 3) int: the rounded voxel positions of the candidates in `path` (cmb.inference.candidates)."""
+    cands, _ = read_candidates(path)
+    return np.rint(np.array([c.voxel for c in cands])).astype(int).reshape(-1, 3)
