@@ -19,7 +19,10 @@ def build_loggers(logger_cfg: Any, save_dir: Path, run_name: str, group: str) ->
         extra: dict[str, Any] = {}
         if issubclass(get_class(str(node._target_)), WandbLogger):
             extra = {"name": run_name, "group": group, "job_type": run_name.split("_")[0]}
-        loggers.append(instantiate(node, save_dir=str(save_dir), **extra))
+        logger = instantiate(node, save_dir=str(save_dir), **extra)
+        if isinstance(logger, WandbLogger):  # Lightning passes anonymous=None, and wandb >= 0.19 warns on every run that it does nothing
+            getattr(logger, "_wandb_init", {}).pop("anonymous", None)
+        loggers.append(logger)
     return loggers
 
 

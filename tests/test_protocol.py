@@ -519,7 +519,7 @@ def test_members_from_other_settings_are_refused_before_anything_is_written(tmp_
         exp.train_member("unet", 0, 20)
 
 
-def test_each_model_logs_into_its_own_wandb_run(tmp_path: Path, tiny_synthetic: Path) -> None:
+def test_each_model_logs_into_its_own_wandb_run(tmp_path: Path, tiny_synthetic: Path, capfd) -> None:  # noqa: ANN001 (pytest fixture)
     from cmb.protocol.run import Protocol
 
     cfg = _compose([*SMOKE, f"paths.cache_dir={tiny_synthetic}", f"paths.runs_dir={tmp_path}", "name=wandb_runs", "logger=default",
@@ -529,6 +529,7 @@ def test_each_model_logs_into_its_own_wandb_run(tmp_path: Path, tiny_synthetic: 
     runs = [sorted((m / "wandb").glob("offline-run-*")) for m in members]
     assert [len(r) for r in runs] == [1, 1]  # before: the second model logged into the first one's run
     assert runs[0][0].name.rsplit("-", 1)[-1] != runs[1][0].name.rsplit("-", 1)[-1]
+    assert "anonymous setting" not in capfd.readouterr().err  # wandb's warning about the setting Lightning passes
 
 
 def test_options_off_keep_the_settings_hash_of_runs_from_before_them(tmp_path: Path, tiny_synthetic: Path) -> None:
