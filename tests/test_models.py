@@ -287,6 +287,11 @@ def test_stage1_hits_are_mined_where_the_unets_place_them_and_drawn_as_positives
     mine_leak_free(["s0"], lambda s: (scan, None), lambda pre: prob, 0.15, 2.5, tmp_path / "mimics", tmp_path / "hits")
     np.testing.assert_array_equal(candidate_voxels(tmp_path / "mimics" / "s0.csv"), [[36, 36, 21]])
     np.testing.assert_array_equal(candidate_voxels(tmp_path / "hits" / "s0.csv"), [[17, 14, 10]])
+    (tmp_path / "hits" / "s0.csv").unlink()  # a run mined before stage-1 hits were kept: its mimics stay as they are
+    (tmp_path / "mimics" / "s0.csv").write_text((tmp_path / "mimics" / "s0.csv").read_text() + "\n")
+    before = (tmp_path / "mimics" / "s0.csv").read_text()
+    mine_leak_free(["s0"], lambda s: (scan, None), lambda pre: prob, 0.15, 2.5, tmp_path / "mimics", tmp_path / "hits")
+    assert (tmp_path / "mimics" / "s0.csv").read_text() == before and (tmp_path / "hits" / "s0.csv").is_file()
 
     vols = [replace(v, stage1_hits=np.array([[20, 17, 10]]), cmb_centres=np.zeros((0, 3), int)) for v in _blob_volumes(1)]
     ds = PatchDataset(vols, 16, {"hit": 1.0, "positive": 1.0}, seed=0, flip=False, rotate=False)
