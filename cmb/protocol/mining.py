@@ -50,21 +50,18 @@ def mine_leak_free(scan_ids: list[str], load: Callable[[str], tuple[Scan, Prepro
                    hits_out: Path) -> None:
     """`out/<scan>.csv`: the false positives of the fold's combined U-Net map (`unet_map`) at `threshold`;
     `hits_out/<scan>.csv`: its components that hit a CMB, where the U-Nets place them (the "hit" windows of
-    stage 2). A file already there is kept (same U-Nets, same scan: the same components)."""
+    stage 2). A file already there is kept (`_write_missing`)."""
     hits_out.mkdir(parents=True, exist_ok=True)
     for scan_id in scan_ids:
         scan, pre = load(scan_id)
         mimics, hits = split_components(unet_map(pre), threshold, scan, match_radius_mm)
-        if not (out / f"{scan_id}.csv").is_file():
-            write_candidates(mimics, out / f"{scan_id}.csv")
-        if not (hits_out / f"{scan_id}.csv").is_file():
-            write_candidates(hits, hits_out / f"{scan_id}.csv")
-        log.info("%d mimics and %d stage-1 hits mined on %s", len(mimics), len(hits), scan_id)
+        _write_missing(scan_id, (mimics, out), (hits, hits_out))
 
 
 def mine_paper(scan_ids: list[str], heldout_components: Callable[[str], Path], out: Path, hits_out: Path) -> None:
     """`out/<scan>.csv`: the components that hit no CMB among the held-out components of the fold that held
-    each scan out (`heldout_components(scan_id)` -> its paper_mining CSV); `hits_out/<scan>.csv`: those that hit one."""
+    each scan out (`heldout_components(scan_id)` -> its paper_mining CSV); `hits_out/<scan>.csv`: those that hit one.
+    A file already there is kept (`_write_missing`)."""
     hits_out.mkdir(parents=True, exist_ok=True)
     for scan_id in scan_ids:
         path = heldout_components(scan_id)
@@ -73,6 +70,13 @@ def mine_paper(scan_ids: list[str], heldout_components: Callable[[str], Path], o
                                       f"{scan_id} out")
         cands, rows = read_candidates(path)
         mimics = [c for c, r in zip(cands, rows) if not r["hits"]]
-        write_candidates(mimics, out / f"{scan_id}.csv")
-        write_candidates([c for c, r in zip(cands, rows) if r["hits"]], hits_out / f"{scan_id}.csv")
-        log.info("%d mimics mined on %s", len(mimics), scan_id)
+        _write_missing(scan_id, (mimics, out), ([c for c, r in zip(cands, rows) if r["hits"]], hits_out))
+
+
+def _write_missing(scan_id: str, mimics: tuple[list[Candidate], Path], hits: tuple[list[Candidate], Path]) -> None:
+    """Write one scan's mimics and stage-1 hits, each into its folder unless its file is already there (mined by
+    the same U-Nets on the same scan: the same components; a run from before stage-1 hits were kept lacks only those)."""
+    for found, folder in (mimics, hits):
+        if not (folder / f"{scan_id}.csv").is_file():
+            write_candidates(found, folder / f"{scan_id}.csv")
+    log.info("%d mimics and %d stage-1 hits mined on %s", len(mimics[0]), len(hits[0]), scan_id)

@@ -156,8 +156,9 @@ class Protocol:
         if stage == "cnn":
             mimics_dir = self.layout.fold_folder(fold, MIMICS)
             hits_dir = self.layout.fold_folder(fold, STAGE1_HITS) if self.draws_stage1_hits else None
-            for folder, what in ((mimics_dir, "mined mimics"), (hits_dir, "mined stage-1 hits")):
-                missing = [s for s in self.mined_scans(fold) if folder is not None and not (folder / f"{s}.csv").is_file()]
+            needed = [(mimics_dir, "mined mimics")] + ([(hits_dir, "mined stage-1 hits")] if hits_dir is not None else [])
+            for folder, what in needed:
+                missing = [s for s in self.mined_scans(fold) if not (folder / f"{s}.csv").is_file()]
                 if missing:
                     raise MissingPrerequisite(f"{folder}: no {what} for training scan(s) {missing[:4]} of fold {fold}; "
                                               f"run `python train.py stage=mine fold={fold}` first (it needs both U-Nets of the fold)")
