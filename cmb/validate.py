@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from cmb.errors import ConfigError
+from cmb.mixes import NOT_DRAWABLE, stage_draws
 
 STAGES = ("unet", "cnn", "mine", "fold", "all", "score")
 UNET_MODES = ("fast", "faithful")
@@ -135,15 +136,15 @@ def sampling_mix(cfg: DictConfig, key: str) -> None:
             raise ConfigError(f"{key}.{kind} is not a window kind: one of {', '.join(PatchDataset.KINDS)}")
         if not _is_number(share) or share < 0:
             raise ConfigError(f"{key}.{kind}={share!r} is not allowed: a share >= 0")
+        if share > 0 and kind in NOT_DRAWABLE.get(key, {}):
+            raise ConfigError(f"{key}.{kind}={share!r} is not allowed: {NOT_DRAWABLE[key][kind]}")
     if sum(shares.values()) <= 0:
         raise ConfigError(f"{key}: every share is 0; give at least one window kind a share above 0")
 
 
 def synthetic_cmbs(cfg: DictConfig, stage_key: str) -> None:
     """A stage whose sampling mixes draw "synthetic" windows has valid `<stage>.synthetic` settings."""
-    mixes = [_get(cfg, f"{stage_key}.sampling"), _get(cfg, f"{stage_key}.refine.sampling")]
-    shares = [m.get("synthetic") for m in mixes if isinstance(m, DictConfig) and m.get("synthetic") is not None]
-    if not any(_is_number(v) and v > 0 for v in shares):
+    if not stage_draws(_get(cfg, stage_key), "synthetic"):
         return
     from cmb.data.synthetic_cmb import SyntheticCMBConfig  # only here: it imports torch (the physics phantom's FFTs)
 

@@ -261,7 +261,12 @@ def test_context_zoom_and_sampling_mixes_are_checked_at_the_door_and_enter_the_h
                               ("cnn.sampling.random=-0.1", r"cnn.sampling.random=-0.1 is not allowed: a share >= 0"),
                               ("+unet.sampling.veins=0.2", "unet.sampling.veins is not a window kind: one of positive, hit, transplant"),
                               ("cnn.sampling.positive=0 cnn.sampling.mimic=0 cnn.sampling.dark=0 cnn.sampling.random=0",
-                               "cnn.sampling: every share is 0")]:
+                               "cnn.sampling: every share is 0"),
+                              # kinds whose pool does not exist in that round would silently draw nothing
+                              ("+unet.sampling.mimic=0.2", "unet.sampling.mimic=0.2 is not allowed: the U-Nets' first round has no false "
+                                                           r"positives yet; the hard-negative round draws them \(unet.refine.sampling.mimic\)"),
+                              ("+unet.refine.sampling.hit=0.1", r"unet.refine.sampling.hit=0.1 is not allowed: stage-1 hits come from the "
+                                                                r"fold's trained U-Nets; only the CNNs draw them \(cnn.sampling.hit\)")]:
         with pytest.raises(ConfigError, match=message):
             check_train(compose_train(override.split()))
     split = {"fold": 0, "train": ["a", "b"], "test": ["c"]}

@@ -483,6 +483,21 @@ def test_refine_round_learns_from_its_own_false_positives_on_training_scans_only
     assert len(done["refine"]["training_cmbs_below_0.5"]) == int((peaks < 0.5).sum())
 
 
+def test_the_vessel_pool_is_built_when_any_round_of_either_stage_draws_vessel_windows(tmp_path: Path, tiny_synthetic: Path) -> None:
+    from cmb.protocol.run import Protocol
+
+    args = [*SMOKE, f"paths.cache_dir={tiny_synthetic}", f"paths.runs_dir={tmp_path}", "name=vessel", "unet.sampling.vessel=0"]
+
+    def vessel_contrast(*extra: str) -> float | None:
+        return Protocol(_compose([*args, *extra])).store.options.vessel_contrast
+
+    # only the hard-negative round draws vessel windows: before, its vessel share silently drew nothing
+    assert vessel_contrast("unet.refine.sampling.vessel=0.1") is not None
+    assert vessel_contrast("unet.refine.sampling.vessel=0") is None
+    assert vessel_contrast("unet.refine.sampling.vessel=0.1", "unet.refine.steps=0") is None  # the round does not run
+    assert vessel_contrast("unet.refine.sampling.vessel=0", "+cnn.sampling.vessel=0.1") is not None
+
+
 def test_paper_mining_takes_the_heldout_components_at_the_mining_threshold_that_hit_no_cmb(tmp_path: Path, tiny_synthetic: Path) -> None:
     from cmb.inference.candidates import Candidate, read_candidates, write_candidates
     from cmb.protocol.run import Protocol

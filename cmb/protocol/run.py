@@ -27,6 +27,7 @@ from cmb.errors import ConfigError
 from cmb.eval.run_files import folder_settings
 from cmb.inference.unet_map import UNetMapConfig, ensemble_probability
 from cmb.layout import CNN_SCORES, FINAL, MIMICS, PAPER_MINING, STAGE1_HITS, STAGES, TRUTH, UNET_CANDIDATES, RunLayout, member_name
+from cmb.mixes import stage_draws
 from cmb.models.checkpoint import load_model
 from cmb.progress import TrainingClock
 from cmb.protocol import detection, mining
@@ -57,7 +58,7 @@ class Protocol:
         self._refuse_other_settings()
         self._prepared = False
         self.timing = RunTiming(self.layout.timing)
-        uses_vessel = any(float(cfg[s].sampling.get("vessel", 0.0)) > 0 for s in STAGES)
+        uses_vessel = any(stage_draws(cfg[s], "vessel") for s in STAGES)  # either round of either stage
         options = VolumeOptions(float(cfg.data_options.point_target_radius_mm), float(cfg.data_options.dark_threshold),
                                 float(cfg.data_options.vessel_contrast) if uses_vessel else None, int(cfg.seed))
         self.store = ScanStore(self.dataset, instantiate(cfg.preprocess), Path(cfg.paths.cache_dir), options, self.timing)
@@ -193,7 +194,7 @@ class Protocol:
     @property
     def draws_stage1_hits(self) -> bool:
         """Whether the CNNs' sampling mix draws "hit" windows (then mining also keeps the stage-1 hits)."""
-        return float(self.cfg.cnn.sampling.get("hit", 0.0)) > 0
+        return stage_draws(self.cfg.cnn, "hit")
 
     def mine(self, fold: int | str) -> Path:
         """Save U-Net false positives (combined map >= mining threshold) for the fold's training scans, and the

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cmb.errors import ConfigError
 from cmb.layout import FINAL, STAGES
+from cmb.mixes import stage_draws
 
 # 3: per-member seeds from a hash of (seed, stage, fold, batch size, attempt, round); stage groups `unet`/`cnn`
 SETTINGS_SCHEMA = 3
@@ -49,9 +50,8 @@ def member_settings(cfg: DictConfig, stage: str, split: dict, batch_size: int) -
         keep["match_radius_mm"] = float(cfg.eval.match_radius_mm)
     else:
         keep["stage"].pop("refine", None)
-    mixes = [keep["stage"].get("sampling") or {}, (keep["stage"].get("refine") or {}).get("sampling") or {}]
     for kind in ("transplant", "synthetic"):  # a kind's settings count only when a mix draws it
-        if not any(float(m.get(kind) or 0.0) > 0 for m in mixes):
+        if not stage_draws(keep["stage"], kind):
             keep["stage"].pop(kind, None)
     return without_off(keep)
 
