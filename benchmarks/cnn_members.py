@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf, open_dict
 
-from cmb.inference.candidates import read_candidates
+from cmb.inference.candidates import candidate_points, read_candidates
 from cmb.inference.cnn_scores import score_points
 from cmb.layout import CNN_SCORES, member_name
 from cmb.protocol.run import Protocol
@@ -41,7 +41,7 @@ def member_scores(run: Path, cache_dir: str | None) -> list[dict]:
         for scan_id in protocol.fold_split(fold)["test"]:
             cands, raw = read_candidates(protocol.layout.scan_file(fold, CNN_SCORES, scan_id))
             _, pre = protocol.store.load(scan_id)
-            points = np.array([c.voxel for c in cands], dtype=float).reshape(-1, 3)
+            points = candidate_points(cands)
             per_member = [score_points([net], np.asarray(pre.image), points, tta=bool(cfg.inference.cnn_tta)) for net in nets]
             for n, (cand, row) in enumerate(zip(cands, raw)):
                 rows.append({"fold": fold, "scan_id": scan_id, "hits": row["hits"], "peak": round(cand.peak, 4),

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 from cmb.conf_utils import dataset_from_run_config
 from cmb.data.preprocess import PreprocessConfig, preprocess_scan
 from cmb.eval.matching import Truth, hit_sets
-from cmb.inference.candidates import extract_candidates
+from cmb.inference.candidates import candidate_points, extract_candidates
 from cmb.inference.unet_map import UNetMapConfig, inference_net, inference_settings, predict_probability
 from cmb.layout import RunLayout
 from cmb.models.checkpoint import load_model
@@ -95,8 +95,8 @@ def main() -> None:
                 truth.instances = remap[sub_instances]
             c_fast = extract_candidates(p_fast, args.threshold, np.eye(4))
             c_slow = extract_candidates(p_slow, args.threshold, np.eye(4))
-            pts_fast = np.array([c.voxel for c in c_fast]).reshape(-1, 3)
-            pts_slow = np.array([c.voxel for c in c_slow]).reshape(-1, 3)
+            pts_fast = candidate_points(c_fast)
+            pts_slow = candidate_points(c_slow)
             n_cmbs += truth.n_cmbs
             found_fast += len({h for hs in hit_sets(pts_fast, truth) for h in hs})
             found_slow += len({h for hs in hit_sets(pts_slow, truth) for h in hs})

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from cmb.inference.candidates import extract_candidates, read_candidates, write_candidates
+from cmb.inference.candidates import candidate_points, extract_candidates, read_candidates, write_candidates
 from cmb.inference.unet_map import STRIDE3_OVERLAP, UNetMapConfig, balanced_tiles, combine_maps, inference_net, predict_probability
 from cmb.models.unet import UNet3D
 
@@ -86,6 +86,8 @@ def test_candidates_from_hand_made_map(tmp_path) -> None:
     assert (first.x_mm, first.y_mm, first.z_mm) == pytest.approx((1.5, 1.5, 3.0))
     assert second.size == 2 and second.mean == pytest.approx(0.3)
     np.testing.assert_allclose(second.voxel, (10.5, 15, 15))
+    np.testing.assert_allclose(candidate_points(cands), [(3, 3, 3), (10.5, 15, 15)], atol=1e-6)
+    assert candidate_points([]).shape == (0, 3)  # no candidates: still (N, 3), as the matching code expects
     path = write_candidates(cands, tmp_path / "c.csv", {"hits": ["0", ""]})
     back, rows = read_candidates(path)
     assert [r["hits"] for r in rows] == ["0", ""] and back[0].peak == pytest.approx(0.9)

@@ -43,6 +43,11 @@ class Candidate:
         return np.array([self.i, self.j, self.k])
 
 
+def candidate_points(cands: list[Candidate]) -> np.ndarray:
+    """(N, 3) float: the candidates' (i, j, k) positions in voxels ((0, 3) for none)."""
+    return np.array([c.voxel for c in cands], dtype=float).reshape(-1, 3)
+
+
 def extract_candidates(prob: np.ndarray, threshold: float, affine: np.ndarray, scan_id: str = "", min_size: int = 1) -> list[Candidate]:
     """Components (26-connected) of `prob >= threshold` (prob: float (I, J, K)), highest peak first."""
     labels, n = ndimage.label(prob >= threshold, structure=CONNECTIVITY_26)

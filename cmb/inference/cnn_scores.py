@@ -10,7 +10,7 @@ from torch import nn
 
 from cmb import input_window
 from cmb.data.augment import centred_window
-from cmb.inference.candidates import Candidate
+from cmb.inference.candidates import Candidate, candidate_points
 
 
 @torch.no_grad()
@@ -67,7 +67,7 @@ def score_candidates(nets: list[nn.Module], image: np.ndarray, candidates: list[
 
     One function for out-of-fold detection and `infer.py`, so both score the same patches.
     """
-    points = np.array([c.voxel for c in candidates], dtype=float).reshape(-1, 3)
+    points = candidate_points(candidates)
     cnn = score_points(nets, image, points, tta=tta, device=device)
     scores = fuse_scores(np.array([c.peak for c in candidates], dtype=float), cnn, fusion)
     return [replace(c, score=float(s)) for c, s in zip(candidates, scores)]

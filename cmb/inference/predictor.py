@@ -29,7 +29,7 @@ from cmb.data.resample import to_native_grid
 from cmb.data.scan import Scan
 from cmb.errors import ConfigError, DataError
 from cmb.eval.matching import detection_order
-from cmb.inference.candidates import Candidate, extract_candidates
+from cmb.inference.candidates import Candidate, candidate_points, extract_candidates
 from cmb.inference.unet_map import UNetMapConfig, ensemble_probability
 from cmb.inference.cnn_scores import score_candidates
 from cmb.layout import FINAL, MemberFiles, RunLayout, member_name
@@ -139,13 +139,13 @@ class Predictor:
         path = Path(path)
         scan, prob, _, scored, seconds = self.score_scan(build_scan(scan_id or input_id(path), path, has_truth=False))
         kept = [c for c in scored if c.score >= self.threshold]
-        kept = [kept[n] for n in detection_order(np.array([c.score for c in kept]), np.array([c.voxel for c in kept]).reshape(-1, 3))]
-        mm = vox_to_mm(np.array([c.voxel for c in kept]).reshape(-1, 3), scan.affine)
+        kept = [kept[n] for n in detection_order(np.array([c.score for c in kept]), candidate_points(kept))]
+        mm = vox_to_mm(candidate_points(kept), scan.affine)
         assert scan.source_affine is not None and scan.to_canonical is not None
         src_vox = mm_to_vox(mm, scan.source_affine)
         return ScanDetections(scan.scan_id, src_vox, mm, np.array([c.score for c in kept]), np.array([c.peak for c in kept]),
                               from_canonical(to_native_grid(prob, scan), scan.to_canonical), scan.source_affine, seconds,
-                              np.array([c.voxel for c in kept], dtype=float).reshape(-1, 3), np.asarray(scan.image), scan.spacing_mm,
+                              candidate_points(kept), np.asarray(scan.image), scan.spacing_mm,
                               scan.slice_uids)
 
 

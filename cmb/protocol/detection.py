@@ -21,7 +21,7 @@ from cmb.data.io import atomic_write_text
 from cmb.data.preprocess import Preprocessed
 from cmb.data.scan import Scan
 from cmb.eval.matching import Truth, hit_sets
-from cmb.inference.candidates import extract_candidates, read_candidates, write_candidates
+from cmb.inference.candidates import candidate_points, extract_candidates, read_candidates, write_candidates
 from cmb.inference.cnn_scores import score_candidates
 from cmb.layout import SETTINGS_FILE
 from cmb.protocol.mining import MissingPrerequisite, scan_truth
@@ -73,12 +73,12 @@ def heldout_unet_candidates(scan_ids: list[str], fold: int, load: Callable[[str]
         prob = unet_map(pre)
         cands = extract_candidates(prob, threshold, scan.affine, scan_id)
         timing.add("stage1_inference", time.perf_counter() - t, "n_stage1_scans")
-        points = np.array([c.voxel for c in cands]).reshape(-1, 3)
+        points = candidate_points(cands)
         write_candidates(cands, out / f"{scan_id}.csv", {"hits": hits_column(points, scan_truth(scan), match_radius_mm)})
         if mining is not None:
             mining_out, mining_threshold = mining
             pool = extract_candidates(prob, mining_threshold, scan.affine, scan_id)
-            pool_points = np.array([c.voxel for c in pool]).reshape(-1, 3)
+            pool_points = candidate_points(pool)
             write_candidates(pool, mining_out / f"{scan_id}.csv", {"hits": hits_column(pool_points, scan_truth(scan), match_radius_mm)})
         write_truth_file(truth_dir / f"{scan_id}.json", scan, fold)
 

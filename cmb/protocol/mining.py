@@ -18,7 +18,7 @@ from cmb.data.preprocess import Preprocessed
 from cmb.data.scan import Scan
 from cmb.errors import CMBError
 from cmb.eval.matching import Truth, hit_sets
-from cmb.inference.candidates import Candidate, extract_candidates, read_candidates, write_candidates
+from cmb.inference.candidates import Candidate, candidate_points, extract_candidates, read_candidates, write_candidates
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def split_components(prob: np.ndarray, threshold: float, scan: Scan, match_radiu
     """Components of `prob >= threshold` (I, J, K): (those that hit no CMB of `scan`, those that hit one),
     by the matching rule of docs/design.md."""
     cands = extract_candidates(prob, threshold, scan.affine, scan.scan_id)
-    hits = hit_sets(np.array([c.voxel for c in cands]).reshape(-1, 3), scan_truth(scan), match_radius_mm)
+    hits = hit_sets(candidate_points(cands), scan_truth(scan), match_radius_mm)
     return [c for c, h in zip(cands, hits) if not h], [c for c, h in zip(cands, hits) if h]
 
 

@@ -15,7 +15,7 @@ from cmb.data.patches import TrainingVolume, build_training_volume
 from cmb.data.preprocess import PreprocessConfig, Preprocessed, preprocess_on_working_grid
 from cmb.data.readers import ScanDataset
 from cmb.data.scan import Scan
-from cmb.inference.candidates import read_candidates
+from cmb.inference.candidates import candidate_points, read_candidates
 
 
 class RunTiming:
@@ -85,4 +85,4 @@ class ScanStore:
 def candidate_voxels(path: Path) -> np.ndarray:
     """(N, 3) int: the rounded voxel positions of the candidates in `path` (cmb.inference.candidates)."""
     cands, _ = read_candidates(path)
-    return np.rint(np.array([c.voxel for c in cands])).astype(int).reshape(-1, 3)
+    return np.rint(candidate_points(cands)).astype(int)

@@ -23,14 +23,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from cmb.conf_utils import instantiate_checked, write_config_and_metadata
 from cmb.data.io import atomic_write_text, require_writable
 from cmb.errors import ConfigError, DataError
 from cmb.eval.run_files import folder_settings
-from cmb.inference.candidates import write_candidates
+from cmb.inference.candidates import candidate_points, write_candidates
 from cmb.layout import CNN_SCORES, SETTINGS_FILE, TRUTH, UNET_CANDIDATES, MemberFiles, RunLayout
 from cmb.protocol.detection import hits_column, write_truth_file
 from cmb.protocol.mining import scan_truth
@@ -95,7 +94,7 @@ def score_run(cfg: DictConfig) -> dict[str, Any]:
         if all(layout.scan_file(FOLD, f, scan_id).is_file() for f in folders):
             continue
         scan, _, cands, scored, seconds = predictor.score_scan(dataset.load(scan_id))  # scan: on the scored run's working grid
-        hits = hits_column(np.array([c.voxel for c in cands]).reshape(-1, 3), scan_truth(scan), radius)
+        hits = hits_column(candidate_points(cands), scan_truth(scan), radius)
         write_candidates(cands, layout.scan_file(FOLD, UNET_CANDIDATES, scan_id), {"hits": hits})
         write_candidates(scored, layout.scan_file(FOLD, CNN_SCORES, scan_id), {"hits": hits})
         write_truth_file(layout.scan_file(FOLD, TRUTH, scan_id), scan, FOLD)
