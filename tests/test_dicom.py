@@ -139,3 +139,48 @@ def test_a_multi_frame_file_is_refused_with_what_to_do(tmp_path: Path) -> None:
         writer.Execute(image)
     with pytest.raises(DataError, match=r"volume.dcm is a multi-frame DICOM file \(5 frames in one file.*convert it to NIfTI"):
         read_dicom_series(folder)
+
+
+def test_a_series_folder_in_images_trains_like_the_same_scan_as_nifti_with_a_label_map_in_another_axis_order(tmp_path: Path) -> None:
+    """Training data: images/<id>/ may be a DICOM series; its label map (NIfTI) need only lie on the same voxels."""
+    from cmb.data.io import to_canonical
+    from cmb.data.readers import NiftiDataset
+    from tests.conftest import make_volume, save
+
+    image, labels = make_volume(0, [(10, 12, 8), (28, 25, 15)])
+    write_series(np.rint(image).astype(np.int16), tmp_path / "dicom" / "images" / "x", direction=(1, 0, 0, 0, -1, 0, 0, 0, -1))
+    series = read_dicom_series(tmp_path / "dicom" / "images" / "x")
+    # the label map as a viewer or dcm2niix might save it: RAS axis order, so not the series' own voxel order
+    canon_labels, canon_affine, _ = to_canonical(labels, series.affine)
+    assert not np.allclose(canon_affine, series.affine)
+    save(canon_labels.astype(np.int16), tmp_path / "dicom" / "labels" / "x.nii.gz", canon_affine)
+    save(series.data, tmp_path / "nifti" / "images" / "x.nii.gz", series.affine)
+    save(labels.astype(np.int16), tmp_path / "nifti" / "labels" / "x.nii.gz", series.affine)
+
+    from_dicom, from_nifti = (NiftiDataset(tmp_path / name).load("x") for name in ("dicom", "nifti"))
+    assert NiftiDataset(tmp_path / "dicom").scan_ids() == ["x"] and len(from_dicom.cmbs) == 2
+    np.testing.assert_array_equal(from_dicom.image, from_nifti.image)
+    np.testing.assert_allclose(from_dicom.affine, from_nifti.affine, atol=1e-6)
+    np.testing.assert_array_equal(from_dicom.instances, from_nifti.instances)
+    np.testing.assert_allclose([c.centroid_vox for c in from_dicom.cmbs], [c.centroid_vox for c in from_nifti.cmbs])
+
+    shifted = canon_affine.copy()
+    shifted[0, 3] += 2.0  # two mm off: not the series' voxels
+    save(canon_labels.astype(np.int16), tmp_path / "dicom" / "labels" / "x.nii.gz", shifted)
+    with pytest.raises(DataError, match=r"labels/x\.nii\.gz: label map affine differs from its image's \(x\): not the same voxels"):
+        NiftiDataset(tmp_path / "dicom").load("x")
+
+
+def test_a_training_folder_that_is_not_a_series_and_points_on_a_series_are_refused(tmp_path: Path) -> None:
+    from cmb.data.readers import NiftiDataset
+
+    write_series(_volume(), tmp_path / "images" / "x")
+    (tmp_path / "images" / "notes").mkdir()
+    (tmp_path / "annotations.csv").write_text("scan_id,i,j,k\nx,10,10,10\n")
+    with pytest.raises(DataError, match=r"images/notes: a folder in the images folder without a DICOM series"):
+        NiftiDataset(tmp_path)
+    (tmp_path / "images" / "notes").rmdir()
+    with pytest.raises(DataError, match=r"annotations\.csv: scan 'x' is a DICOM series: give its CMBs as a label map labels/x\.nii\.gz"):
+        NiftiDataset(tmp_path)
+    (tmp_path / "annotations.csv").write_text("scan_id,i,j,k\n")  # a series without CMBs needs no coordinates
+    assert NiftiDataset(tmp_path).load("x").cmbs == []

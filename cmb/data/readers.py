@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from cmb.data.dicom import read_dicom_series
-from cmb.data.io import CONNECTIVITY_26, check_image_values, is_nifti_name, load_volume, mm_to_vox, nifti_stem, same_grid, to_canonical, vox_to_mm
+from cmb.data.dicom import is_dicom_folder, read_dicom_series
+from cmb.data.io import CONNECTIVITY_26, check_image_values, input_id, is_nifti_name, load_volume, mm_to_vox, same_grid, to_canonical, vox_to_mm
 from cmb.data.mat import dou_centroids
 from cmb.data.scan import CMBInstance, Scan
 from cmb.errors import ConfigError, DataError
@@ -126,23 +126,31 @@ def build_scan(scan_id: str, image_path: Path, *, label_path: Path | None = None
                 has_truth=has_truth, source_affine=affine, source_shape=data.shape, to_canonical=transform, slice_uids=slice_uids)
     if label_path is not None:
         labels, label_affine = load_volume(label_path, what="label map")
-        if labels.shape != data.shape:
-            raise DataError(label_path, f"label map shape {labels.shape} differs from its image's {data.shape} ({image_path.name})")
-        if not same_grid(label_affine, affine):
-            raise DataError(label_path, f"label map affine differs from its image's ({image_path.name})")
         if np.any(labels < 0) or not np.isfinite(labels).all():
             raise DataError(label_path, "label map has negative or non-finite values")
-        labels = _integer_labels(labels, label_path)
-        canon_labels, _, _ = to_canonical(labels, affine)
-        scan.instances = instances_from_label_map(canon_labels)
+        canon_labels = _on_image_grid(labels, label_affine, image.shape, canon_affine, label_path, "label map", image_path)
+        scan.instances = instances_from_label_map(_integer_labels(canon_labels, label_path))
         scan.cmbs = cmbs_from_instances(scan.instances, canon_affine)
     elif points is not None:
         scan.cmbs = cmbs_from_points(points, affine, canon_affine, data.shape, points_path or image_path)
     if mask_path is not None:
         mask, mask_affine = load_volume(mask_path, what="brain mask")
-        if mask.shape != data.shape or not same_grid(mask_affine, affine):
-            raise DataError(mask_path, f"brain mask grid (shape {mask.shape}) differs from its image's {data.shape}")
+        _on_image_grid(mask, mask_affine, image.shape, canon_affine, mask_path, "brain mask", image_path)
     return scan
+
+
+def _on_image_grid(volume: np.ndarray, affine: np.ndarray, image_shape: tuple[int, ...], image_canon_affine: np.ndarray,
+                   path: Path, what: str, image_path: Path) -> np.ndarray:
+    """`volume` (a label map or mask with its own `affine`) reoriented to RAS+, when it lies on the same voxels as the image
+    (compared in RAS+: a file written in another axis order, e.g. a label map made on a dcm2niix conversion of a DICOM
+    series, is the same grid); otherwise a DataError naming `path`."""
+    canon, canon_affine, _ = to_canonical(volume, affine)
+    if canon.shape != tuple(image_shape):
+        raise DataError(path, f"{what} shape {canon.shape} differs from its image's {tuple(image_shape)} "
+                              f"(both in RAS orientation; {Path(image_path).name})")
+    if not same_grid(canon_affine, image_canon_affine):
+        raise DataError(path, f"{what} affine differs from its image's ({Path(image_path).name}): not the same voxels")
+    return canon
 
 
 class NiftiDataset(ScanDataset):
@@ -160,9 +168,9 @@ class NiftiDataset(ScanDataset):
         self.images_dir = self.root / images_dir
         if not self.images_dir.is_dir():
             raise DataError(self.images_dir, "missing the images/ folder of the nifti layout")
-        self._images = _nifti_files(self.images_dir)
+        self._images = _nifti_files(self.images_dir, series_folders=True)
         if not self._images:
-            raise DataError(self.images_dir, "empty dataset: no .nii or .nii.gz images found")
+            raise DataError(self.images_dir, "empty dataset: no .nii or .nii.gz images and no DICOM series folders found")
         self.labels_dir = self.root / labels_dir
         self.masks_dir = self.root / masks_dir
         self.annotations_path = self.root / annotations
@@ -178,6 +186,10 @@ class NiftiDataset(ScanDataset):
                 raise DataError(self.labels_dir, f"no label map for scan(s) {missing[:5]}")
         if self.truth == "points":
             self._points = read_annotations(self.annotations_path, set(self._images))
+            series = sorted(i for i in self._points if self._images[i].is_dir() and len(self._points[i]))
+            if series:  # i, j, k of a NIfTI file are what a viewer shows; a series' voxel order is the reader's own choice
+                raise DataError(self.annotations_path, f"scan {series[0]!r} is a DICOM series: give its CMBs as a label map "
+                                                       f"{labels_dir}/{series[0]}.nii.gz on the series' grid, not as voxel indices")
 
     def scan_ids(self) -> list[str]:
         return sorted(self._images)
@@ -194,14 +206,20 @@ class NiftiDataset(ScanDataset):
         return build_scan(scan_id, image_path, mask_path=mask_path, has_truth=False)
 
 
-def _nifti_files(folder: Path) -> dict[str, Path]:
+def _nifti_files(folder: Path, series_folders: bool = False) -> dict[str, Path]:
+    """Scan id -> image: each .nii/.nii.gz file in `folder` (id: the name without its suffix) and, with
+    `series_folders`, each sub-folder holding a DICOM series (id: the folder's name; any other sub-folder is
+    refused). Without it, sub-folders are not looked at."""
     files: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or path.is_dir():
+        if path.name.startswith(".") or (path.is_dir() and not series_folders):
             continue
-        if not is_nifti_name(path):
+        if path.is_dir() and not is_dicom_folder(path):
+            raise DataError(path, "a folder in the images folder without a DICOM series: give one .nii/.nii.gz file "
+                                  "or one DICOM series folder per scan")
+        if path.is_file() and not is_nifti_name(path):
             raise DataError(path, "not a NIfTI file (expected .nii or .nii.gz) in the images folder")
-        stem = nifti_stem(path)
+        stem = input_id(path)
         if stem in files:
             raise DataError(path, f"scan id {stem!r} appears twice ({files[stem].name})")
         files[stem] = path
