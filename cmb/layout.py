@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cmb.errors import DataError
+
 STAGES = ("unet", "cnn")  # stage 1 (localization) and stage 2 (discrimination), by the network each trains
 FINAL = "final"  # the fold whose members are trained on every scan
 SETTINGS_FILE = "settings.json"  # in an out-of-fold folder: the settings its files came from
@@ -155,6 +157,18 @@ class RunLayout:
     def fold_names(self) -> list[str]:
         """The fold folders present, as 'fold_<k>' names."""
         return sorted(p.name for p in self.root.glob("fold_*") if p.is_dir())
+
+    def refuse_foreign(self) -> None:
+        """Never write a run into a folder that holds something else (the runs folder itself, a data folder): a
+        DataError naming it when `root` has visible entries and none is a run's (config.yaml, metadata.json,
+        splits.json, logs/, fold_*/). A run folder, an empty folder or none passes."""
+        if not self.root.is_dir():
+            return
+        entries = sorted(p.name for p in self.root.iterdir() if not p.name.startswith("."))
+        run_like = {"config.yaml", "metadata.json", "splits.json", "logs"}
+        if entries and not any(e in run_like or (e.startswith("fold_") and (self.root / e).is_dir()) for e in entries):
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise DataError(self.root, f"not a run folder and not empty ({shown}); a run needs its own folder: pass another name=...")
 
     def member_stamps(self) -> list[tuple[Path, str, int | str, int]]:
         """Every done.json and started.json of a member folder in the run: (stamp, stage, fold, batch size)."""

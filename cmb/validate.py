@@ -77,6 +77,7 @@ def fold_value(cfg: DictConfig, key: str = "fold", allow_none: bool = False) -> 
 def check_train(cfg: DictConfig) -> None:
     """The settings of `train.py` (see conf/train.yaml and its groups)."""
     one_of(cfg, "stage", STAGES)
+    run_name(cfg)
     fold_value(cfg)
     fold_value(cfg, "transfer_fold", allow_none=True)
     if _get(cfg, "stage") == "score" and not _get(cfg, "model_dir"):
@@ -121,6 +122,17 @@ def check_train(cfg: DictConfig) -> None:
         sampling_mix(cfg, "unet.refine.sampling")
     if _get(cfg, "cnn.net.context_zoom") is not None:
         integer(cfg, "cnn.net.context_zoom", 2, " or null (off: the paper's 20x20x16 window alone)")
+
+
+def run_name(cfg: DictConfig) -> None:
+    """`name`: the run folder under paths.runs_dir, as one or more path parts (a/b nests), none empty, "." or "..", no
+    control characters: an empty name would make the runs folder itself the run, ".." a folder outside it."""
+    name = _get(cfg, "name")
+    text = str(name) if _is_int(name) or isinstance(name, str) else ""
+    parts = text.replace("\\", "/").split("/")
+    if not text.strip() or any(p in ("", ".", "..") for p in parts) or any(ord(c) < 32 for c in text):
+        raise ConfigError(f"name={name!r} is not allowed: the run folder's name under paths.runs_dir, e.g. name=my_run "
+                          "(parts separated by / nest; none may be empty, '.' or '..')")
 
 
 def sampling_mix(cfg: DictConfig, key: str) -> None:

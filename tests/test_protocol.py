@@ -183,6 +183,8 @@ def test_train_rejects_bad_fold_and_unknown_dataset(tmp_path: Path, tiny_synthet
     ("fold=[0", "cannot read the command line"),
     ("preprocess.mask=bogus", "preprocess.mask='bogus' is not allowed: one of auto, user, deepbet, hdbet, threshold"),
     ("preprocess.mask=hdbet", "preprocess.mask=hdbet: HD-BET is not installed; pip install -e '.[hdbet]'"),
+    ("name=", "name='' is not allowed: the run folder's name under paths.runs_dir, e.g. name=my_run"),  # the runs folder itself
+    ("name=../escape", "name='../escape' is not allowed"),  # a folder outside paths.runs_dir
 ])
 def test_bad_values_are_refused_at_the_door_before_any_folder_exists(tmp_path: Path, tiny_synthetic: Path, override: str,
                                                                       message: str) -> None:
@@ -496,6 +498,28 @@ def test_the_vessel_pool_is_built_when_any_round_of_either_stage_draws_vessel_wi
     assert vessel_contrast("unet.refine.sampling.vessel=0") is None
     assert vessel_contrast("unet.refine.sampling.vessel=0.1", "unet.refine.steps=0") is None  # the round does not run
     assert vessel_contrast("unet.refine.sampling.vessel=0", "+cnn.sampling.vessel=0.1") is not None
+
+
+def test_a_run_is_never_written_into_a_folder_that_holds_something_else(tmp_path: Path, tiny_synthetic: Path) -> None:
+    from cmb.errors import DataError
+    from cmb.layout import RunLayout
+    from cmb.protocol.run import Protocol
+    from cmb.protocol.transfer import score_run
+
+    (tmp_path / "my_data").mkdir()
+    (tmp_path / "my_data" / "notes.txt").write_text("mine")
+    args = [*SMOKE, f"paths.cache_dir={tiny_synthetic}", f"paths.runs_dir={tmp_path}"]
+    with pytest.raises(DataError, match=r"my_data: not a run folder and not empty \(notes.txt\); a run needs its own folder"):
+        Protocol(_compose([*args, "name=my_data"]))
+    with pytest.raises(DataError, match="my_data: not a run folder and not empty"):
+        score_run(_compose([*args, "name=my_data", "stage=score", f"model_dir={tmp_path / 'any_run'}"]))
+    assert [p.name for p in (tmp_path / "my_data").iterdir()] == ["notes.txt"]
+    # an empty folder, a new one and a run folder (one with splits.json copied in, say) are runs' folders
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "copied").mkdir()
+    (tmp_path / "copied" / "splits.json").write_text(json.dumps({"seed": 0, "folds": []}))
+    for name in ("empty", "new", "copied"):
+        RunLayout(tmp_path / name).refuse_foreign()
 
 
 def test_paper_mining_takes_the_heldout_components_at_the_mining_threshold_that_hit_no_cmb(tmp_path: Path, tiny_synthetic: Path) -> None:

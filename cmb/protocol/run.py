@@ -48,6 +48,7 @@ class Protocol:
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
         self.layout = RunLayout(Path(cfg.paths.run_dir))
+        self.layout.refuse_foreign()
         self.dataset: ScanDataset = instantiate_checked(cfg.data)
         self.scan_ids = self.dataset.scan_ids()
         if cfg.preprocess.get("spacing") == "median":  # resolved once, and written into the run's config.yaml as numbers

@@ -59,6 +59,7 @@ def score_run(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.get("model_dir"):
         raise ConfigError("stage=score needs model_dir=RUN_DIR (a finished run to score on data=...)")
     model_dir = Path(str(cfg.model_dir))
+    RunLayout(Path(str(cfg.paths.run_dir))).refuse_foreign()
     source_cfg = load_run_config(model_dir)
     predictor = Predictor(model_dir, cfg.get("transfer_fold"), None, None, cfg.paths.cache_dir, progress=False)
     out_dir = Path(str(cfg.paths.run_dir))
