@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import html
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from cmb.data.io import temp_file
 
 VIEWS = (("axial", 2), ("coronal", 1), ("sagittal", 0))  # (name, axis held fixed); in-plane axes in increasing order
 HALF_WIDTH_MM = 12.0
@@ -97,7 +98,7 @@ def write_tiles(image: np.ndarray, spacing_mm: tuple[float, float, float], tiles
         row[0].set_ylabel(tile.label, fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".png", dir=path.parent)
+    handle, tmp = temp_file(path.parent, f".{path.name}-", ".png")
     os.close(handle)
     try:
         fig.savefig(tmp, dpi=80)

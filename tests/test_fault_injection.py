@@ -185,6 +185,10 @@ def test_unwritable_output_and_run_folders_are_refused_before_any_work(tmp_path:
     with pytest.raises(DataError, match="locked: output folder is not writable"):
         require_writable(locked / "detections" / "new", "output folder")  # the nearest existing part decides
     require_writable(tmp_path / "free", "output folder")
+    (tmp_path / "notes.txt").write_text("a file where a folder should be")
+    for target in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "sub"):  # before: a FileExistsError after inference
+        with pytest.raises(DataError, match=r"notes.txt: is a file, not a folder: the output folder \(.*\) must be a folder"):
+            require_writable(target, "output folder")
     exp = Protocol(_compose([*SMOKE, f"paths.cache_dir={tiny_synthetic}", f"paths.runs_dir={locked}", "name=run"]))
     with pytest.raises(DataError, match="not writable"):
         exp.prepare()

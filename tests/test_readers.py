@@ -161,3 +161,23 @@ def test_fractional_binary_label_map_keeps_its_cmbs_and_other_fractions_are_refu
     odd = save(np.where(labels > 0, labels + 0.5, 0).astype(np.float32), tmp_path / "odd.nii.gz")
     with pytest.raises(DataError, match="non-integer values above 1"):
         build_scan("s", img, label_path=odd)
+
+
+def test_files_and_folders_written_through_a_temporary_name_get_a_plain_write_s_permissions(tmp_path: Path) -> None:
+    """mkstemp/mkdtemp make 0600/0700 entries; renamed into place, they hid a shared run's report.md from the group."""
+    import os
+
+    from cmb.data.io import atomic_write_text, temp_file, temp_folder
+
+    saved = os.umask(0o022)
+    try:
+        assert atomic_write_text("x", tmp_path / "report.md").stat().st_mode & 0o777 == 0o644
+        handle, name = temp_file(tmp_path, ".picture-", ".png")
+        os.close(handle)
+        assert os.stat(name).st_mode & 0o777 == 0o644
+        assert temp_folder(tmp_path, ".entry-").stat().st_mode & 0o777 == 0o755
+        os.umask(0o077)  # a user who keeps their files private still gets private files
+        assert atomic_write_text("x", tmp_path / "private.md").stat().st_mode & 0o777 == 0o600
+        assert temp_folder(tmp_path, ".private-").stat().st_mode & 0o777 == 0o700
+    finally:
+        os.umask(saved)

@@ -144,15 +144,39 @@ def require_writable(folder: str | Path, what: str) -> None:
     """Refuse up front (`DataError`) when `folder`, or the nearest part of it that exists, cannot be written."""
     folder = Path(folder).resolve()
     existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise DataError(existing, f"is a file, not a folder: the {what} ({folder}) must be a folder, new or existing")
     if not os.access(existing, os.W_OK):
         raise DataError(existing, f"{what} is not writable")
+
+
+def _mode_under_umask(folder: bool) -> int:
+    """The permissions open() or mkdir() would give under this process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if folder else 0o666) & ~umask
+
+
+def temp_file(folder: str | Path, prefix: str, suffix: str = "") -> tuple[int, str]:
+    """`tempfile.mkstemp` in `folder`, with a plain file's permissions: mkstemp's 0600 would follow the file when it is
+    renamed into place, leaving a shared run's report readable by its owner alone."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
+    os.chmod(tmp, _mode_under_umask(folder=False))
+    return fd, tmp
+
+
+def temp_folder(folder: str | Path, prefix: str) -> Path:
+    """`tempfile.mkdtemp` in `folder`, with a plain folder's permissions (not 0700), for a folder renamed into place."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=folder))
+    os.chmod(tmp, _mode_under_umask(folder=True))
+    return tmp
 
 
 def atomic_write_text(text: str, path: str | Path) -> Path:
     """Write text through a temporary file and rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    fd, tmp = temp_file(path.parent, ".tmp-")
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(text)
     os.replace(tmp, path)

@@ -27,7 +27,7 @@ from monai.transforms import Compose, MapTransform
 from scipy import ndimage
 
 from cmb.conf_utils import refuse_code
-from cmb.data.io import load_volume, same_grid, to_canonical
+from cmb.data.io import load_volume, same_grid, temp_folder, to_canonical
 from cmb.data.resample import resample_to_grid, working_scan
 from cmb.data.scan import Scan
 from cmb.errors import ConfigError, DataError
@@ -415,7 +415,7 @@ def preprocess_scan(scan: Scan, cfg: PreprocessConfig, cache_dir: str | Path | N
             "shape": list(scan.shape), "spacing_mm": list(scan.spacing_mm), "checksums": {"image": _checksum(image), "mask": _checksum(mask)}}
     if entry is not None:
         entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+        tmp = temp_folder(entry.parent, f".{entry.name}-")
         np.save(tmp / "image.npy", image)
         np.save(tmp / "mask.npy", mask)
         (tmp / "meta.json").write_text(json.dumps(meta))

@@ -6,13 +6,13 @@ import hashlib
 import json
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
+from cmb.data.io import temp_folder
 from cmb.data.phantom import PRESETS, PhantomGenerator, PhantomPreset, preset_json
 from cmb.data.physics_phantom import PHYSICS_PRESETS, PhysicsPhantomGenerator
 from cmb.errors import ConfigError, DataError
@@ -41,7 +41,7 @@ def write_synthetic_dataset(out_dir: Path, preset: str, seed: int, n_scans: int 
         spec = replace(spec, n_scans=int(n_scans))
     generator = generator_for(spec, seed)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    tmp = temp_folder(out_dir.parent, f".{out_dir.name}-")
     try:
         (tmp / "images").mkdir()
         (tmp / "labels").mkdir()
