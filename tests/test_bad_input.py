@@ -85,6 +85,20 @@ def test_label_map_shape_or_affine_mismatch(tmp_path: Path) -> None:
         NiftiDataset(_dataset_with(tmp_path / "b", image, labels, shifted)).load("x")
 
 
+def test_a_brain_mask_given_as_the_label_map_is_refused(tmp_path: Path) -> None:
+    image, _ = make_volume(0, [])
+    brain = np.zeros(image.shape, np.int16)
+    brain[5:35, 5:35, 3:21] = 1  # 30x30x18 voxels of 0.45x0.45x0.9 mm: ~2950 mm^3, an 18 mm ball, passes
+    NiftiDataset(_dataset_with(tmp_path / "a", image, brain)).load("x")
+    big = AFFINE.copy()
+    big[:3, :3] *= 2  # the same voxels at 0.9x0.9x1.8 mm: ~23600 mm^3, a 36 mm ball
+    save(image, tmp_path / "b" / "bad" / "images" / "x.nii.gz", big)
+    save(brain, tmp_path / "b" / "bad" / "labels" / "x.nii.gz", big)
+    with pytest.raises(DataError, match=r"labels/x\.nii\.gz: the labelled CMB centred at .* mm RAS covers \d+ mm\^3 \(a ball 36 mm "
+                                        r"across\); microbleeds are 2-10 mm .*brain mask or tissue map"):
+        NiftiDataset(tmp_path / "b" / "bad").load("x")
+
+
 def test_centroid_outside_volume(tmp_path: Path) -> None:
     image, _ = make_volume(0, [])
     save(image, tmp_path / "images" / "x.nii.gz")

@@ -522,6 +522,27 @@ def test_a_run_is_never_written_into_a_folder_that_holds_something_else(tmp_path
         RunLayout(tmp_path / name).refuse_foreign()
 
 
+def test_a_fold_whose_training_scans_hold_no_cmb_is_refused_before_a_member_trains(tmp_path: Path, tiny_synthetic: Path) -> None:
+    """Label maps that are all zero used to train every member on negatives alone, without a word."""
+    from cmb.errors import CMBError
+    from cmb.protocol.run import Protocol
+
+    source = next((tiny_synthetic / "synthetic").glob("tiny-seed0-*"))
+    for image in sorted((source / "images").glob("*.nii.gz")):
+        (tmp_path / "data" / "images").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / "images" / image.name).write_bytes(image.read_bytes())
+        img = nib.load(str(image))
+        save_zero = nib.Nifti1Image(np.zeros(img.shape, np.int16), img.affine)
+        (tmp_path / "data" / "labels").mkdir(exist_ok=True)
+        nib.save(save_zero, str(tmp_path / "data" / "labels" / image.name))
+    smoke = [o for o in SMOKE if not o.startswith("data.")]
+    exp = Protocol(_compose([*smoke, f"paths.cache_dir={tiny_synthetic}", f"paths.runs_dir={tmp_path / 'runs'}", "name=empty",
+                             "data=nifti", f"data.root={tmp_path / 'data'}"]))
+    with pytest.raises(CMBError, match=r"fold 0: none of its 2 training scans \(synth\d+, synth\d+\) has a CMB in its truth"):
+        exp.train_member("unet", 0, 20)
+    assert not exp.layout.member("unet", 0, 20).root.exists()
+
+
 def test_paper_mining_takes_the_heldout_components_at_the_mining_threshold_that_hit_no_cmb(tmp_path: Path, tiny_synthetic: Path) -> None:
     from cmb.inference.candidates import Candidate, read_candidates, write_candidates
     from cmb.protocol.run import Protocol

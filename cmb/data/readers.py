@@ -22,6 +22,7 @@ from cmb.data.scan import CMBInstance, Scan
 from cmb.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
+MAX_CMB_DIAMETER_MM = 20.0  # a labelled CMB larger than a ball this wide is refused (microbleeds are 2-10 mm)
 
 
 
@@ -131,12 +132,28 @@ def build_scan(scan_id: str, image_path: Path, *, label_path: Path | None = None
         canon_labels = _on_image_grid(labels, label_affine, image.shape, canon_affine, label_path, "label map", image_path)
         scan.instances = instances_from_label_map(_integer_labels(canon_labels, label_path))
         scan.cmbs = cmbs_from_instances(scan.instances, canon_affine)
+        _refuse_lesions_too_large(scan.cmbs, canon_affine, label_path)
     elif points is not None:
         scan.cmbs = cmbs_from_points(points, affine, canon_affine, data.shape, points_path or image_path)
     if mask_path is not None:
         mask, mask_affine = load_volume(mask_path, what="brain mask")
         _on_image_grid(mask, mask_affine, image.shape, canon_affine, mask_path, "brain mask", image_path)
     return scan
+
+
+def _refuse_lesions_too_large(cmbs: list[CMBInstance], affine: np.ndarray, path: Path) -> None:
+    """A labelled "CMB" larger than a ball of `MAX_CMB_DIAMETER_MM` is no microbleed (2-10 mm): most likely a brain mask
+    or a tissue map given as the label map. A DataError naming the label and its size."""
+    voxel_mm3 = abs(float(np.linalg.det(affine[:3, :3])))
+    limit_mm3 = np.pi / 6 * MAX_CMB_DIAMETER_MM**3
+    for cmb in cmbs:
+        volume = cmb.n_voxels * voxel_mm3
+        if volume > limit_mm3:
+            diameter = (6 * volume / np.pi) ** (1 / 3)
+            where = ", ".join(f"{v:.0f}" for v in cmb.centroid_mm)
+            raise DataError(path, f"the labelled CMB centred at ({where}) mm RAS covers {volume:.0f} mm^3 (a ball {diameter:.0f} mm "
+                                  f"across); microbleeds are 2-10 mm (above {MAX_CMB_DIAMETER_MM:.0f} mm is refused): is this a brain "
+                                  "mask or tissue map instead of the CMB labels?")
 
 
 def _on_image_grid(volume: np.ndarray, affine: np.ndarray, image_shape: tuple[int, ...], image_canon_affine: np.ndarray,

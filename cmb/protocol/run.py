@@ -23,7 +23,7 @@ from cmb.conf_utils import attach_run_log, instantiate_checked, write_config_and
 from cmb.data.io import require_writable
 from cmb.data.readers import ScanDataset
 from cmb.data.splits import make_or_load_splits, select_fold
-from cmb.errors import ConfigError
+from cmb.errors import CMBError, ConfigError
 from cmb.eval.run_files import folder_settings
 from cmb.inference.unet_map import UNetMapConfig, ensemble_probability
 from cmb.layout import CNN_SCORES, FINAL, MIMICS, PAPER_MINING, STAGE1_HITS, STAGES, TRUTH, UNET_CANDIDATES, RunLayout, member_name
@@ -164,8 +164,13 @@ class Protocol:
                 if missing:
                     raise MissingPrerequisite(f"{folder}: no {what} for training scan(s) {missing[:4]} of fold {fold}; "
                                               f"run `python train.py stage=mine fold={fold}` first (it needs both U-Nets of the fold)")
-        self._plan(stage, fold, batch_size)
         split = self.fold_split(fold)
+        if not any(len(v.cmb_centres) for v in self.store.training_volumes(split["train"])):
+            shown = ", ".join(split["train"][:4]) + (", ..." if len(split["train"]) > 4 else "")
+            raise CMBError(f"{'final models' if fold == FINAL else f'fold {fold}'}: none of its {len(split['train'])} training scans "
+                           f"({shown}) has a CMB in its truth, and a detector cannot learn CMBs from no example; check the "
+                           "label maps (all zero?) or annotations.csv")
+        self._plan(stage, fold, batch_size)
         where = "final models" if fold == FINAL else f"fold {fold}/{self.n_folds}"
         job = MemberJob(stage, fold, int(batch_size), split["train"], split["test"], int(self.cfg.seed), files, stamp,
                         f"{where} · {member_name(stage, batch_size)}", mimics_dir, hits_dir)
