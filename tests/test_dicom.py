@@ -109,6 +109,14 @@ def test_infer_inputs_take_a_series_folder_or_a_folder_of_series_folders(tmp_pat
     assert list_inputs(tmp_path / "patients") == [tmp_path / "patients" / "a_swi", tmp_path / "patients" / "b_swi"]
     with pytest.raises(DataError, match="no .nii or .nii.gz files and no DICOM series"):
         list_inputs(tmp_path / "patients" / "notes")
+    # NIfTI files and series side by side are all scans (before, the series were skipped without a word)
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(_volume().astype(np.float32), np.eye(4)), str(tmp_path / "patients" / "c_swi.nii.gz"))
+    assert list_inputs(tmp_path / "patients") == [tmp_path / "patients" / n for n in ("a_swi", "b_swi", "c_swi.nii.gz")]
+    nib.save(nib.Nifti1Image(_volume().astype(np.float32), np.eye(4)), str(tmp_path / "patients" / "a_swi.nii.gz"))
+    with pytest.raises(DataError, match=r"patients: scan id 'a_swi' appears twice \(a_swi, a_swi.nii.gz\); rename one"):
+        list_inputs(tmp_path / "patients")
 
 
 def test_reading_dicom_leaves_the_process_locale_and_utf8_text_files_alone(tmp_path: Path) -> None:

@@ -219,24 +219,27 @@ def slicer_markups(det: ScanDetections) -> dict:
 
 
 def list_inputs(path: str | Path) -> list[Path]:
-    """A NIfTI file, every NIfTI file in a folder (sorted), a DICOM series folder (one scan), or a
-    folder of DICOM series folders (one scan each, sorted)."""
+    """A NIfTI file; a DICOM series folder (one scan); or a folder's NIfTI files and DICOM series sub-folders (one
+    scan each, sorted by scan id)."""
     path = Path(path)
     if path.is_file():
         return [path]
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and is_nifti_name(p))
-        if not files:  # a DICOM series folder, or a folder of them
-            if is_dicom_folder(path):
-                return [path]
-            series = sorted(p for p in path.iterdir() if p.is_dir() and is_dicom_folder(p))
-            if series:
-                return series
-        ours = [p for p in files if p.name.endswith(OUTPUT_SUFFIXES)]
-        if ours:  # an output folder inside the input folder: never read our own maps back as scans
-            log.warning("%s: skipping %d file(s) that cmb wrote itself (e.g. %s)", path, len(ours), ours[0].name)
-            files = [p for p in files if p not in ours]
-        if not files:
-            raise DataError(path, "no .nii or .nii.gz files and no DICOM series in the input folder")
-        return files
-    raise DataError(path, "input does not exist")
+    if not path.is_dir():
+        raise DataError(path, "input does not exist")
+    files = sorted(p for p in path.iterdir() if p.is_file() and is_nifti_name(p))
+    if not files and is_dicom_folder(path):  # the series itself
+        return [path]
+    ours = [p for p in files if p.name.endswith(OUTPUT_SUFFIXES)]
+    if ours:  # an output folder inside the input folder: never read our own maps back as scans
+        log.warning("%s: skipping %d file(s) that cmb wrote itself (e.g. %s)", path, len(ours), ours[0].name)
+        files = [p for p in files if p not in ours]
+    series = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".") and is_dicom_folder(p)]
+    inputs = sorted(files + series, key=lambda p: (input_id(p), p.name))
+    ids = [input_id(p) for p in inputs]
+    twice = sorted({i for i in ids if ids.count(i) > 1})
+    if twice:  # both would write <id>_detections.csv
+        raise DataError(path, f"scan id {twice[0]!r} appears twice ({', '.join(p.name for p in inputs if input_id(p) == twice[0])}); "
+                              "rename one")
+    if not inputs:
+        raise DataError(path, "no .nii or .nii.gz files and no DICOM series in the input folder")
+    return inputs
