@@ -34,6 +34,7 @@ def main(cfg: DictConfig) -> None:
     files = list_inputs(cfg.input)
     out_dir = Path(cfg.output)
     require_writable(out_dir, "output folder")
+    require_writable(Path(str(cfg.paths.cache_dir)).expanduser(), "cache folder (paths.cache_dir, or CMB_CACHE)")
     if not cfg.overwrite:
         clashes = [p for f in files for p in output_paths(out_dir, input_id(f)) if p.exists()]
         if clashes:

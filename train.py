@@ -30,11 +30,13 @@ def main(cfg: DictConfig) -> float | None:
     from cmb.validate import check_train
 
     check_train(cfg)  # values first: a refused command reads and writes nothing (and imports no deep-learning library)
+    from cmb.data.io import require_writable
     from cmb.layout import FINAL
     from cmb.progress import quiet_console
     from cmb.protocol.run import Protocol
 
     quiet_console(bool(cfg.get("verbose", False)))
+    require_writable(Path(str(cfg.paths.cache_dir)).expanduser(), "cache folder (paths.cache_dir, or CMB_CACHE)")
     if str(cfg.stage) == "score":  # a finished run scored on another labelled dataset
         from cmb.eval.evaluate import summary_lines
         from cmb.layout import RunLayout

@@ -207,6 +207,16 @@ def test_bad_infer_values_are_refused_before_any_work(tmp_path: Path, tiny_synth
     assert not (tmp_path / "out").exists()
 
 
+def test_a_cache_folder_that_is_a_file_is_refused_in_one_line(tmp_path: Path, tiny_synthetic: Path) -> None:
+    """Before: a Hydra instantiation error (train.py) or an "unexpected NotADirectoryError" per scan (infer.py)."""
+    (tmp_path / "cache.txt").write_text("not a folder")
+    out = run_cli([*SMOKE, f"paths.runs_dir={tmp_path / 'runs'}", f"paths.cache_dir={tmp_path / 'cache.txt'}"], tiny_synthetic)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'cache.txt'}: is a file, not a folder: the cache folder (paths.cache_dir, or CMB_CACHE) "
+        f"({tmp_path / 'cache.txt'}) must be a folder, new or existing"]
+    assert not (tmp_path / "runs").exists()
+
+
 def test_cnn_member_says_what_is_missing(tmp_path: Path, tiny_synthetic: Path) -> None:
     out = run_cli(["stage=cnn", "fold=1", "batch_size=20", *SMOKE, f"paths.runs_dir={tmp_path}"], tiny_synthetic)
     assert out.returncode == 2
