@@ -98,6 +98,13 @@ def test_splits_file_written_reused_and_checked(tmp_path: Path) -> None:
     user.write_text(json.dumps({"folds": [{"test": ["a"]}, {"test": ["a", "b"]}]}))
     with pytest.raises(DataError, match="more than one fold"):
         make_or_load_splits(tmp_path / "third", ids, seed=0, splits_file=user)
+    for content, message in [([1, 2], "splits file needs a non-empty 'folds' list"),  # before: an AttributeError
+                             ({"folds": [{"test": "ab"}, {"test": ["c", "d"]}]}, r"fold 0: 'test' must be a list of scan ids \(strings\)"),
+                             ({"folds": [{"test": ids}]}, "fold 0 holds out every scan: nothing is left to train on"),
+                             ({"folds": [{"fold": 3, "test": ["a", "b"]}, {"test": ["c", "d"]}]}, "fold 0 is numbered 3")]:
+        user.write_text(json.dumps(content))  # "ab" used to be read as the scans "a" and "b"
+        with pytest.raises(DataError, match=message):
+            make_or_load_splits(tmp_path / "fourth", ids, seed=0, splits_file=user)
 
 
 def test_vessel_negatives_are_dark_lines_in_bright_tissue_not_dark_nuclei() -> None:

@@ -29,18 +29,24 @@ def lotcv_folds(scan_ids: list[str], seed: int, leave_out: int = 2) -> list[dict
 
 def validate_splits(splits: dict, scan_ids: list[str], source: str | Path) -> None:
     """Held-out sets must be disjoint, cover every scan once, and name only known scans."""
-    folds = splits.get("folds")
+    folds = splits.get("folds") if isinstance(splits, dict) else None
     if not isinstance(folds, list) or not folds:
-        raise DataError(source, "splits file needs a non-empty 'folds' list")
+        raise DataError(source, "splits file needs a non-empty 'folds' list (a JSON object {\"folds\": [{\"test\": [scan ids]}, ...]})")
     seen: list[str] = []
     for k, fold in enumerate(folds):
         if not isinstance(fold, dict) or "test" not in fold:
             raise DataError(source, f"fold {k} needs a 'test' list")
+        if not isinstance(fold["test"], list) or not all(isinstance(s, str) for s in fold["test"]):
+            raise DataError(source, f"fold {k}: 'test' must be a list of scan ids (strings), got {fold['test']!r}")
+        if fold.get("fold", k) != k:
+            raise DataError(source, f"fold {k} is numbered {fold['fold']!r}; folds are numbered by their place in the list (0, 1, ...)")
         unknown = sorted(set(fold["test"]) - set(scan_ids))
         if unknown:
             raise DataError(source, f"fold {k} names scans not in the dataset: {unknown}")
-        fold.setdefault("fold", k)
+        fold["fold"] = k
         fold["train"] = sorted(s for s in scan_ids if s not in fold["test"])
+        if not fold["train"]:
+            raise DataError(source, f"fold {k} holds out every scan: nothing is left to train on")
         seen += list(fold["test"])
     duplicated = sorted({s for s in seen if seen.count(s) > 1})
     if duplicated:
