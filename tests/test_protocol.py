@@ -74,6 +74,10 @@ def test_protocol_writes_a_self_describing_run(finished_run: Path) -> None:
             for name in ("model.pt", "config.yaml", "metadata.json", "metrics.csv", "done.json", "checkpoints/last.ckpt"):
                 assert (mdir / name).is_file(), mdir / name
         assert sorted(p.stem for p in (run / fold / "mimics").glob("*.csv"))
+    from cmb.models.checkpoint import load_model
+
+    saved = load_model(run / "fold_0" / "unet_bs20" / "model.pt")[1]  # what infer.py compares a scan's voxel size with
+    assert saved["training_voxel_mm"] == {"min": [0.45, 0.45, 0.9], "max": [0.45, 0.45, 0.9]}
     member_meta = json.loads((run / "fold_0" / "unet_bs30" / "metadata.json").read_text())
     assert member_meta["batch_size"] == 30 and member_meta["heldout_scans"] == splits["folds"][0]["test"]
     assert not set(member_meta["heldout_scans"]) & set(member_meta["train_scans"])

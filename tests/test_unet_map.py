@@ -146,3 +146,17 @@ def test_brain_bbox_from_projections_and_prepared_copies_are_reused() -> None:
     prepared = inference_net(net, torch.float32, True)
     assert inference_net(prepared, torch.float32, True) is prepared
     assert inference_net(prepared, torch.bfloat16, True) is not prepared
+
+
+def test_infer_warns_when_a_scan_s_voxels_are_far_from_the_training_scans() -> None:
+    from cmb.inference.predictor import voxel_size_warning
+
+    training = {"min": [0.45, 0.45, 0.9], "max": [0.5, 0.5, 1.0]}
+    assert voxel_size_warning("s", (0.5, 0.5, 1.2), training) is None  # within 25% of the range
+    assert voxel_size_warning("s", (0.4, 0.4, 0.8), training) is None
+    message = voxel_size_warning("s", (1.0, 1.0, 2.0), training)
+    assert message is not None and message.startswith("s: voxel size 1.00x1.00x2.00 mm is far from the training scans' "
+                                                       "(0.45x0.45x0.90 to 0.50x0.50x1.00 mm)")
+    assert "preprocess.spacing=median" in message
+    assert voxel_size_warning("s", (0.3, 0.45, 0.9), training) is not None  # one axis is enough
+    assert voxel_size_warning("s", (1.0, 1.0, 2.0), None) is None  # members of an earlier cmb record no range

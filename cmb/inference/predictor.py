@@ -36,6 +36,7 @@ from cmb.layout import FINAL, MemberFiles, RunLayout, member_name
 from cmb.models.checkpoint import load_model
 
 log = logging.getLogger(__name__)
+VOXEL_SIZE_TOLERANCE = 0.25  # infer.py warns when a scan's voxel size lies further than this outside the training scans' range
 OUTPUT_SUFFIXES = ("_detections.csv", "_stage1_prob.nii.gz", "_detections.mrk.json", "_detections.png")
 
 
@@ -73,6 +74,30 @@ def resolve_members(model_dir: Path, fold: str | int | None) -> tuple[Path, str]
     return folder, str(fold)
 
 
+def load_member(path: Path, device: str, stage: str) -> tuple[torch.nn.Module, dict]:
+    """A member's network and saved metadata (cmb.models.checkpoint.load_model), or a DataError when it is missing."""
+    if not path.is_file():
+        raise DataError(path, "member model missing: is this run finished?")
+    return load_model(path, device, stage=stage)
+
+
+def voxel_size_warning(scan_id: str, spacing_mm: tuple[float, float, float], training: dict | None,
+                       tolerance: float = VOXEL_SIZE_TOLERANCE) -> str | None:
+    """A warning when the scan's voxel size (mm, on the run's working grid) lies more than `tolerance` (a fraction) outside the
+    training scans' range along any axis (the 20x20x16 window then covers other millimetres than in training); else None."""
+    if not training:
+        return None
+    low, high = np.asarray(training["min"], float), np.asarray(training["max"], float)
+    size = np.asarray(spacing_mm, float)
+    if np.all(size >= low * (1 - tolerance)) and np.all(size <= high * (1 + tolerance)):
+        return None
+    shown = lambda v: "x".join(f"{x:.2f}" for x in v)  # noqa: E731
+    seen = shown(low) if np.allclose(low, high) else f"{shown(low)} to {shown(high)}"
+    return (f"{scan_id}: voxel size {shown(size)} mm is far from the training scans' ({seen} mm): the models' windows cover other "
+            "millimetres here than in training, so detections may be unreliable; train with preprocess.spacing=median (every scan "
+            "resampled to one voxel size), or on scans like this one")
+
+
 class Predictor:
     """Loads a run's U-Nets and CNNs once and detects CMBs on scans."""
 
@@ -88,8 +113,11 @@ class Predictor:
             raise DataError(cfg_path, "a run folder of an earlier cmb (no `unet` settings); train it again with this version")
         folder, self.fold = resolve_members(self.model_dir, fold)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.unets = [self._load(MemberFiles(folder / member_name("unet", bs)).model, "unet") for bs in self.run_cfg.unet.batch_sizes]
-        self.cnns = [self._load(MemberFiles(folder / member_name("cnn", bs)).model, "cnn") for bs in self.run_cfg.cnn.batch_sizes]
+        unets = [load_member(MemberFiles(folder / member_name("unet", bs)).model, self.device, "unet") for bs in self.run_cfg.unet.batch_sizes]
+        self.unets = [net for net, _ in unets]
+        self.cnns = [load_member(MemberFiles(folder / member_name("cnn", bs)).model, self.device, "cnn")[0]
+                     for bs in self.run_cfg.cnn.batch_sizes]
+        self.training_voxel_mm = unets[0][1].get("training_voxel_mm")  # None for members of an earlier cmb
         self.threshold = self._threshold(threshold)
         self.pre_cfg = PreprocessConfig.from_settings(self.run_cfg.preprocess, cfg_path)  # values only, never instantiate()
         if self.pre_cfg.mask in ("deepbet", "hdbet"):  # the run's mask method must run here too: refuse before any scan
@@ -100,11 +128,6 @@ class Predictor:
         self.unet_cfg.progress = progress
         self.unet_threshold = float(self.run_cfg.inference.unet_threshold)
         self.cache_dir = cache_dir
-
-    def _load(self, path: Path, stage: str) -> torch.nn.Module:
-        if not path.is_file():
-            raise DataError(path, "member model missing: is this run finished?")
-        return load_model(path, self.device, stage=stage)[0]
 
     def _threshold(self, override: float | None) -> float:
         if override is not None:
@@ -125,6 +148,9 @@ class Predictor:
         seconds per step). The same candidates and scores as a run's out-of-fold files (cmb.protocol.detection)."""
         t0 = time.perf_counter()
         scan, pre = preprocess_on_working_grid(scan, self.pre_cfg, self.cache_dir)
+        far = voxel_size_warning(scan.scan_id, scan.spacing_mm, self.training_voxel_mm)
+        if far:
+            log.warning(far)
         t1 = time.perf_counter()
         image, mask = np.asarray(pre.image), np.asarray(pre.mask)
         prob = ensemble_probability(self.unets, image, mask, self.unet_cfg, str(self.run_cfg.inference.ensemble_normalize), self.device)

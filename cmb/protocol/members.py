@@ -111,7 +111,8 @@ def train_member(recipe: MemberRecipe, job: MemberJob, ctx: TrainingContext) -> 
                     "(attempt %d)", files.root, median, health.min_median_peak, rejected[-1].name, len(rejected))
     if rejected:
         done["rejected_attempts"] = [r.name for r in rejected]
-    save = dict(stage=job.stage, fold=str(job.fold), batch_size=int(job.batch_size), train_scans=job.train_scans)
+    save = dict(stage=job.stage, fold=str(job.fold), batch_size=int(job.batch_size), train_scans=job.train_scans,
+                training_voxel_mm=voxel_size_range(volumes))
     if recipe.refine is not None:
         save_model(net, recipe.net_kwargs, files.model_before_refine, **save)
         refine_seed = member_seed(job.run_seed, job.stage, job.fold, job.batch_size, attempt=len(rejected), round_=1)
@@ -122,6 +123,13 @@ def train_member(recipe: MemberRecipe, job: MemberJob, ctx: TrainingContext) -> 
     done = {**job.stamp, **done, "train_seconds": round(seconds, 2)}
     atomic_write_text(json.dumps(done, indent=1), files.done)
     return done
+
+
+def voxel_size_range(volumes: list[TrainingVolume]) -> dict[str, list[float]]:
+    """The smallest and largest voxel size (mm along i, j, k, on the working grid) of the training scans: saved with each
+    member, so infer.py can say when a scan's voxels are far from what the member saw."""
+    sizes = np.array([v.spacing_mm for v in volumes], dtype=float).reshape(-1, 3)
+    return {"min": [round(float(x), 4) for x in sizes.min(axis=0)], "max": [round(float(x), 4) for x in sizes.max(axis=0)]}
 
 
 def _first_round(recipe: MemberRecipe, job: MemberJob, ctx: TrainingContext, volumes: list[TrainingVolume],
