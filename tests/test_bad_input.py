@@ -75,6 +75,15 @@ def test_nan_inf_and_all_zero(tmp_path: Path) -> None:
         NiftiDataset(_dataset_with(tmp_path / "b", np.zeros((40, 40, 24), np.float32))).load("x")
 
 
+def test_a_phase_image_is_refused_and_a_few_negative_voxels_are_not(tmp_path: Path) -> None:
+    phase = np.random.default_rng(0).uniform(-np.pi, np.pi, (40, 40, 24)).astype(np.float32)
+    with pytest.raises(DataError, match=r"x\.nii\.gz: 50% of the image's non-zero voxels are negative .*a phase image\?"):
+        NiftiDataset(_dataset_with(tmp_path / "a", phase)).load("x")
+    image, _ = make_volume(0, [])
+    image.reshape(-1)[::50] = -3.0  # 2%: interpolation ringing, say
+    assert NiftiDataset(_dataset_with(tmp_path / "b", image)).load("x").image.min() == -3.0
+
+
 def test_label_map_shape_or_affine_mismatch(tmp_path: Path) -> None:
     image, labels = make_volume(0, [(10, 10, 10)])
     with pytest.raises(DataError, match=r"labels/x\.nii\.gz: label map shape"):

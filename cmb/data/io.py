@@ -18,6 +18,7 @@ from cmb.errors import DataError
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 CONNECTIVITY_26 = ndimage.generate_binary_structure(3, 3)  # CMB label components and stage-1 candidates are 26-connected
 log = logging.getLogger(__name__)
+MAX_NEGATIVE_SHARE = 0.05  # of an image's non-zero voxels; more is refused (interpolation leaves a few slightly negative)
 
 
 def is_nifti_name(path: str | Path) -> bool:
@@ -69,12 +70,17 @@ def load_volume(path: str | Path, *, what: str = "image", check_window: bool = T
 
 
 def check_image_values(path: Path, data: np.ndarray, check_window: bool = True) -> None:
-    """Refuse NaN/Inf voxels, an all-zero image and one smaller than a 20x20x16 window (`DataError` naming `path`)."""
+    """Refuse NaN/Inf voxels, an all-zero image, one mostly negative (a phase image) and one smaller than a 20x20x16
+    window (`DataError` naming `path`)."""
     if not np.isfinite(data).all():
         n_bad = int((~np.isfinite(data)).sum())
         raise DataError(path, f"image has {n_bad} NaN/Inf voxels; replace them (e.g. with 0) before use")
     if not np.any(data):
         raise DataError(path, "image is all zeros")
+    negative = float(np.count_nonzero(data < 0)) / max(1, np.count_nonzero(data))
+    if negative > MAX_NEGATIVE_SHARE:  # SWI and magnitude images are >= 0; a phase image is about half negative
+        raise DataError(path, f"{100 * negative:.0f}% of the image's non-zero voxels are negative (down to {float(data.min()):.3g}): "
+                              "a phase image? cmb reads SWI or magnitude images")
     if check_window and any(s < w for s, w in zip(data.shape, WINDOW)):
         raise DataError(path, f"image shape {data.shape} is smaller than one {WINDOW} window")
 
