@@ -14,7 +14,7 @@ import hydra
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from cmb.conf_utils import hydra_entry
+from cmb.conf_utils import hydra_entry, require_cache_folder
 from cmb.errors import CMBError, ConfigError, describe_scan_failure, exit_on_failures, exit_on_user_error
 from cmb.validate import check_command_line, check_infer
 
@@ -34,7 +34,7 @@ def main(cfg: DictConfig) -> None:
     files = list_inputs(cfg.input)
     out_dir = Path(cfg.output)
     require_writable(out_dir, "output folder")
-    require_writable(Path(str(cfg.paths.cache_dir)).expanduser(), "cache folder (paths.cache_dir, or CMB_CACHE)")
+    require_cache_folder(cfg)
     if not cfg.overwrite:
         clashes = [p for f in files for p in output_paths(out_dir, input_id(f)) if p.exists()]
         if clashes:

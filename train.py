@@ -17,7 +17,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from cmb.conf_utils import hydra_entry
+from cmb.conf_utils import hydra_entry, require_cache_folder
 from cmb.errors import ConfigError, exit_on_user_error
 from cmb.validate import check_command_line
 
@@ -30,13 +30,12 @@ def main(cfg: DictConfig) -> float | None:
     from cmb.validate import check_train
 
     check_train(cfg)  # values first: a refused command reads and writes nothing (and imports no deep-learning library)
-    from cmb.data.io import require_writable
     from cmb.layout import FINAL
     from cmb.progress import quiet_console
     from cmb.protocol.run import Protocol
 
     quiet_console(bool(cfg.get("verbose", False)))
-    require_writable(Path(str(cfg.paths.cache_dir)).expanduser(), "cache folder (paths.cache_dir, or CMB_CACHE)")
+    require_cache_folder(cfg)
     if str(cfg.stage) == "score":  # a finished run scored on another labelled dataset
         from cmb.eval.evaluate import summary_lines
         from cmb.layout import RunLayout

@@ -70,6 +70,14 @@ def write_config_and_metadata(folder: Path, cfg: DictConfig, **extra: Any) -> No
     atomic_write_text(json.dumps(run_metadata(cfg, **extra), indent=1), folder / "metadata.json")
 
 
+def require_cache_folder(cfg: DictConfig) -> None:
+    """Refuse up front a cache folder (`paths.cache_dir`, set by CMB_CACHE) that is a file or cannot be written: every
+    train.py and infer.py command may write to it (synthetic data, preprocessed scans)."""
+    from cmb.data.io import require_writable
+
+    require_writable(Path(str(cfg.paths.cache_dir)).expanduser(), "cache folder (paths.cache_dir, or CMB_CACHE)")
+
+
 def instantiate_checked(node: Any, **kwargs: Any) -> Any:
     """`hydra.utils.instantiate` that lets our own `CMBError` through unwrapped."""
     from hydra.errors import InstantiationException

@@ -1,8 +1,8 @@
 """Sampling mixes: a training round's share of windows per kind (`cmb.data.patches.PatchDataset.KINDS`).
 
-One place answers "does this stage draw kind X?" for the settings hash, the door checks, the
-protocol (which pools to build, what to mine) and the results file. Imports nothing heavy: the
-door checks use it before torch is loaded.
+One place answers "does this stage draw kind X?" for the settings hash, the door checks and the
+protocol (which pools to build, what to mine). Imports nothing heavy: the door checks use it
+before torch is loaded.
 """
 
 from __future__ import annotations
@@ -46,11 +46,6 @@ def stage_mixes(stage_cfg: Any) -> list[Any]:
     return [m for m in mixes if isinstance(m, Mapping)]
 
 
-def draws(kind: str, *mixes: Any) -> bool:
-    """Whether any of `mixes` gives `kind` a share above 0."""
-    return any(share_of(m, kind) > 0 for m in mixes)
-
-
 def stage_draws(stage_cfg: Any, kind: str) -> bool:
     """Whether a stage (its first round or its hard-negative round) draws `kind` windows."""
-    return draws(kind, *stage_mixes(stage_cfg))
+    return any(share_of(m, kind) > 0 for m in stage_mixes(stage_cfg))

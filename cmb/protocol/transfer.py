@@ -59,11 +59,11 @@ def score_run(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.get("model_dir"):
         raise ConfigError("stage=score needs model_dir=RUN_DIR (a finished run to score on data=...)")
     model_dir = Path(str(cfg.model_dir))
-    RunLayout(Path(str(cfg.paths.run_dir))).refuse_foreign()
-    source_cfg = load_run_config(model_dir)
-    predictor = Predictor(model_dir, cfg.get("transfer_fold"), None, None, cfg.paths.cache_dir, progress=False)
     out_dir = Path(str(cfg.paths.run_dir))
     layout = RunLayout(out_dir)
+    layout.refuse_foreign()
+    source_cfg = load_run_config(model_dir)
+    predictor = Predictor(model_dir, cfg.get("transfer_fold"), None, None, cfg.paths.cache_dir, progress=False)
     if out_dir.resolve() == model_dir.resolve():
         raise ConfigError(f"{out_dir}: the scores go into a new run folder; pass name=... other than the scored run's")
     tcfg = transfer_config(cfg, source_cfg, model_dir, predictor.fold, predictor.threshold)
