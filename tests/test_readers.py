@@ -41,6 +41,35 @@ def test_label_map_binary_splits_components_and_ids_stay_whole() -> None:
     assert inst.max() == 2 and len(np.unique(inst[labels == 5])) == 1
 
 
+def test_instance_statistics_equal_whole_volume_ones() -> None:
+    """Centroids and sizes computed in each CMB's bounding box equal scipy's whole-volume statistics, for CMBs of
+    any shape, ids that are not consecutive and an id in two pieces."""
+    from scipy import ndimage
+
+    from cmb.data.readers import cmbs_from_instances
+
+    rng = np.random.default_rng(3)
+    labels = np.zeros((40, 36, 24))
+    for value in (2, 7, 9, 30):
+        centre = rng.integers(4, 20, 3)
+        blob = rng.random((5, 4, 3)) < 0.6
+        blob[2, 2, 1] = True
+        labels[centre[0]:centre[0] + 5, centre[1]:centre[1] + 4, centre[2]:centre[2] + 3][blob] = value
+    labels[39, 35, 23] = 9  # id 9 also in a far corner: still one CMB
+    affine = np.diag([0.5, 0.6, 1.2, 1.0])
+    affine[:3, 3] = [-10, 4, 7]
+    inst = instances_from_label_map(labels)
+    cmbs = cmbs_from_instances(inst, affine)
+    ids = np.arange(1, inst.max() + 1)
+    expected = np.array(ndimage.center_of_mass(inst > 0, inst, ids))
+    assert [c.label for c in cmbs] == list(ids) and len(ids) == 4
+    np.testing.assert_allclose([c.centroid_vox for c in cmbs], expected, atol=1e-9)
+    np.testing.assert_allclose([c.centroid_mm for c in cmbs], vox_to_mm(expected, affine), atol=1e-9)
+    assert [c.n_voxels for c in cmbs] == [int(n) for n in ndimage.sum_labels(inst > 0, inst, ids)]
+    assert [c.n_voxels for c in cmbs] == [int((labels == v).sum()) for v in (2, 7, 9, 30)]
+    assert cmbs_from_instances(np.zeros((5, 5, 5), np.int32), affine) == []
+
+
 def test_nifti_points_layout(tmp_path: Path) -> None:
     root = tmp_path / "pts"
     image, _ = make_volume(0, [(10, 11, 12)])

@@ -63,26 +63,36 @@ def instances_from_label_map(labels: np.ndarray) -> np.ndarray:
     values keeps each value as its own CMB (even if it is not connected).
     """
     labels = np.rint(labels).astype(np.int64)
-    values = np.unique(labels[labels > 0])
+    positive = labels > 0
+    values = np.unique(labels[positive])
     if len(values) <= 1:
-        out, _ = ndimage.label(labels > 0, structure=CONNECTIVITY_26)
+        out, _ = ndimage.label(positive, structure=CONNECTIVITY_26)
         return out.astype(np.int32)
     out = np.zeros(labels.shape, dtype=np.int32)
-    for new, value in enumerate(values, start=1):
-        out[labels == value] = new
+    out[positive] = np.searchsorted(values, labels[positive]) + 1  # value -> its rank, in one pass over the volume
     return out
 
 
 def cmbs_from_instances(instances: np.ndarray, affine: np.ndarray) -> list[CMBInstance]:
-    ids = np.arange(1, int(instances.max()) + 1)
-    if len(ids) == 0:
+    """The CMBs of an instance map (int (I, J, K), 1..N): centroid in voxels and mm, size in voxels.
+
+    Each statistic is computed inside the CMB's bounding box (ndimage.find_objects, one pass over the volume):
+    ndimage.center_of_mass and sum_labels each pass over the whole volume, ~2 s per load of a 512x512x150 scan.
+    """
+    labels, centroids, sizes = [], [], []
+    for label, box in enumerate(ndimage.find_objects(instances), start=1):
+        if box is None:  # a label number with no voxel
+            continue
+        voxels = np.argwhere(instances[box] == label)
+        labels.append(label)
+        centroids.append(voxels.mean(axis=0) + [s.start for s in box])
+        sizes.append(len(voxels))
+    if not labels:
         return []
-    centroids = np.array(ndimage.center_of_mass(instances > 0, instances, ids)).reshape(-1, 3)
-    sizes = ndimage.sum_labels(instances > 0, instances, ids)
-    mm = vox_to_mm(centroids, affine)
+    mm = vox_to_mm(np.array(centroids), affine)
     return [
-        CMBInstance(tuple(map(float, c)), tuple(map(float, m)), label=int(i), n_voxels=int(s))
-        for i, c, m, s in zip(ids, centroids, mm, sizes)
+        CMBInstance(tuple(map(float, c)), tuple(map(float, m)), label=i, n_voxels=n)
+        for i, c, m, n in zip(labels, centroids, mm, sizes)
     ]
 
 
