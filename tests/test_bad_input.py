@@ -124,6 +124,39 @@ def test_annotations_for_unknown_scan(tmp_path: Path) -> None:
         NiftiDataset(tmp_path)
 
 
+@pytest.mark.parametrize("rows, match", [
+    ("x,nan,11,12", r"line 2: i,j,k must be finite numbers"),
+    ("x,10,11,12\nx,10,11,12", r"line 3 repeats line 2 \(x at voxel \[10.0, 11.0, 12.0\]\)"),
+    ("x.nii.gz,10,11,12", r"line 2: scan_id 'x.nii.gz' has no image in images/ \(give the scan id 'x'"),
+])
+def test_annotation_rows_that_cannot_be_cmbs(tmp_path: Path, rows: str, match: str) -> None:
+    image, _ = make_volume(0, [])
+    save(image, tmp_path / "images" / "x.nii.gz")
+    (tmp_path / "annotations.csv").write_text(f"scan_id,i,j,k\n{rows}\n")
+    with pytest.raises(DataError, match=r"annotations\.csv: " + match):
+        NiftiDataset(tmp_path).load("x")
+
+
+def test_one_cmb_marked_twice_is_refused_and_two_close_cmbs_are_not(tmp_path: Path) -> None:
+    """Centres 0.9 mm apart (one slice) are one CMB marked twice; 2.7 mm apart are two CMBs."""
+    image, _ = make_volume(0, [])
+    save(image, tmp_path / "images" / "x.nii.gz")
+    (tmp_path / "annotations.csv").write_text("scan_id,i,j,k\nx,10,11,12\nx,30,30,8\nx,10,11,13\n")
+    with pytest.raises(DataError, match=r"annotations\.csv: centroids \[10.0, 11.0, 12.0\] and \[10.0, 11.0, 13.0\] \(voxels\) "
+                                        r"are 0.90 mm apart: one CMB marked twice"):
+        NiftiDataset(tmp_path).load("x")
+    (tmp_path / "annotations.csv").write_text("scan_id,i,j,k\nx,10,11,12\nx,30,30,8\nx,10,11,15\n")
+    assert len(NiftiDataset(tmp_path).load("x").cmbs) == 3
+
+
+def test_a_spreadsheet_saved_annotations_file_is_read(tmp_path: Path) -> None:
+    """A byte-order mark (UTF-8 CSV from a spreadsheet) and spaces after the commas are not errors."""
+    image, _ = make_volume(0, [])
+    save(image, tmp_path / "images" / "x.nii.gz")
+    (tmp_path / "annotations.csv").write_text("\ufeffscan_id, i, j, k\r\nx, 10, 11, 12\r\n", encoding="utf-8")
+    np.testing.assert_allclose(NiftiDataset(tmp_path).load("x").cmbs[0].centroid_vox, (10, 11, 12))
+
+
 def test_image_smaller_than_window(tmp_path: Path) -> None:
     root = _dataset_with(tmp_path, np.ones((40, 40, 10), np.float32), np.zeros((40, 40, 10), np.int16))
     with pytest.raises(DataError, match=r"smaller than one \(20, 20, 16\) window"):

@@ -16,13 +16,15 @@ import numpy as np
 from scipy import ndimage
 
 from cmb.data.dicom import is_dicom_folder, read_dicom_series
-from cmb.data.io import CONNECTIVITY_26, check_image_values, input_id, is_nifti_name, load_volume, mm_to_vox, same_grid, to_canonical, vox_to_mm
+from cmb.data.io import (CONNECTIVITY_26, check_image_values, input_id, is_nifti_name, load_volume, mm_to_vox, nifti_stem, same_grid,
+                        to_canonical, vox_to_mm)
 from cmb.data.mat import dou_centroids
 from cmb.data.scan import CMBInstance, Scan
 from cmb.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 MAX_CMB_DIAMETER_MM = 20.0  # a labelled CMB larger than a ball this wide is refused (microbleeds are 2-10 mm)
+MIN_CMB_DISTANCE_MM = 1.0  # two annotated centres closer than this are refused: one CMB marked twice
 
 
 
@@ -104,6 +106,13 @@ def cmbs_from_points(points_src_vox: np.ndarray, src_affine: np.ndarray, canon_a
     if bad.any():
         raise DataError(path, f"centroid {pts[bad][0].tolist()} lies outside the image of shape {tuple(shape)}")
     mm = vox_to_mm(pts, src_affine)
+    if len(mm) > 1:
+        distance = np.linalg.norm(mm[:, None] - mm[None], axis=-1) + np.diag(np.full(len(mm), np.inf))
+        a, b = np.unravel_index(np.argmin(distance), distance.shape)
+        if distance[a, b] < MIN_CMB_DISTANCE_MM:
+            raise DataError(path, f"centroids {pts[min(a, b)].tolist()} and {pts[max(a, b)].tolist()} (voxels) are {distance[a, b]:.2f} mm "
+                                  f"apart: one CMB marked twice? Microbleeds are 2-10 mm across, so two centres closer than "
+                                  f"{MIN_CMB_DISTANCE_MM:g} mm are one CMB; keep one row")
     canon = mm_to_vox(mm, canon_affine)
     return [CMBInstance(tuple(map(float, c)), tuple(map(float, m))) for c, m in zip(canon, mm)]
 
@@ -262,20 +271,33 @@ def _find_nifti(folder: Path, scan_id: str) -> Path | None:
 
 
 def read_annotations(path: Path, known_ids: set[str]) -> dict[str, np.ndarray]:
-    """`scan_id,i,j,k` rows (0-based voxels) -> {scan_id: (N, 3)}."""
+    """`scan_id,i,j,k` rows (0-based voxels) -> {scan_id: (N, 3)}. A spreadsheet's byte-order mark and spaces around
+    the column names are accepted; a scan id without an image, a value that is not a finite number and the same
+    row twice are refused naming the line."""
     points: dict[str, list[list[float]]] = {}
-    with open(path, newline="") as handle:
+    first_line: dict[tuple, int] = {}
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
+        if reader.fieldnames is not None:
+            reader.fieldnames = [name.strip() for name in reader.fieldnames]
         if reader.fieldnames is None or not {"scan_id", "i", "j", "k"} <= set(reader.fieldnames):
             raise DataError(path, f"annotations must have columns scan_id,i,j,k; found {reader.fieldnames}")
         for line, row in enumerate(reader, start=2):
-            scan_id = row["scan_id"].strip()
+            scan_id = (row["scan_id"] or "").strip()
             if scan_id not in known_ids:
-                raise DataError(path, f"line {line}: scan_id {scan_id!r} has no image in images/")
+                hint = f" (give the scan id {nifti_stem(scan_id)!r}, the file name without its suffix)" if nifti_stem(scan_id) in known_ids else ""
+                raise DataError(path, f"line {line}: scan_id {scan_id!r} has no image in images/{hint}")
             try:
-                points.setdefault(scan_id, []).append([float(row[c]) for c in ("i", "j", "k")])
+                point = [float(row[c]) for c in ("i", "j", "k")]
             except (TypeError, ValueError):
                 raise DataError(path, f"line {line}: i,j,k must be numbers, got {row}") from None
+            if not np.isfinite(point).all():
+                raise DataError(path, f"line {line}: i,j,k must be finite numbers, got {point}")
+            key = (scan_id, *point)
+            if key in first_line:
+                raise DataError(path, f"line {line} repeats line {first_line[key]} ({scan_id} at voxel {point}): one row per CMB")
+            first_line[key] = line
+            points.setdefault(scan_id, []).append(point)
     return {k: np.array(v, dtype=float) for k, v in points.items()}
 
 
