@@ -157,6 +157,19 @@ def test_a_spreadsheet_saved_annotations_file_is_read(tmp_path: Path) -> None:
     np.testing.assert_allclose(NiftiDataset(tmp_path).load("x").cmbs[0].centroid_vox, (10, 11, 12))
 
 
+def test_a_volume_too_large_to_hold_is_refused_from_its_header(tmp_path: Path) -> None:
+    """A header declaring 2048x2048x128 voxels (what a few MB of gzipped zeros can declare) is refused before any
+    voxel is read, naming the file and the size."""
+    img = nib.Nifti1Image(np.ones((20, 20, 16), np.float32), AFFINE)
+    img.header.set_data_shape((2048, 2048, 128))
+    save(np.ones((40, 40, 20), np.float32), tmp_path / "bad" / "labels" / "x.nii.gz")
+    (tmp_path / "bad" / "images").mkdir(parents=True)
+    (tmp_path / "bad" / "images" / "x.nii").write_bytes(img.header.binaryblock + bytes(4 + 1000))
+    with pytest.raises(DataError, match=r"images/x\.nii: image has 536,870,912 voxels \(shape \(2048, 2048, 128\)\), more than "
+                                        r"cmb reads .* crop it to the head or resample it"):
+        NiftiDataset(tmp_path / "bad").load("x")
+
+
 def test_image_smaller_than_window(tmp_path: Path) -> None:
     root = _dataset_with(tmp_path, np.ones((40, 40, 10), np.float32), np.zeros((40, 40, 10), np.int16))
     with pytest.raises(DataError, match=r"smaller than one \(20, 20, 16\) window"):

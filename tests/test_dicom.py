@@ -93,6 +93,17 @@ def test_a_series_that_is_not_one_regular_volume_is_one_line_naming_the_folder(t
     assert str(tmp_path / "bad") in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_series_too_large_to_hold_is_refused_before_its_pixels_are_read(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    import cmb.data.io
+
+    write_series(_volume(), tmp_path / "s")
+    monkeypatch.setattr(cmb.data.io, "MAX_VOXELS", 40 * 36 * 24 - 1)
+    with pytest.raises(DataError, match=r"s: DICOM series has 34,560 voxels \(shape \(40, 36, 24\)\), more than cmb reads"):
+        read_dicom_series(tmp_path / "s")
+    monkeypatch.setattr(cmb.data.io, "MAX_VOXELS", 40 * 36 * 24)
+    assert read_dicom_series(tmp_path / "s").data.shape == (40, 36, 24)
+
+
 def test_a_folder_without_dicom_is_refused(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(DataError, match="no DICOM series"):

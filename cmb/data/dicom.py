@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import numpy as np
 import SimpleITK as sitk
 
+from cmb.data.io import check_voxel_count
 from cmb.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,7 @@ def read_dicom_series(folder: str | Path) -> DicomVolume:
     else:
         log.info("%s: DICOM series %s (%d files)", folder, uid, len(series[uid]))
     headers = _checked_order(_slice_headers(series[uid], folder), folder)
+    check_voxel_count(folder, (*headers[0]["size"], len(headers)), "DICOM series")
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([h["file"] for h in headers])
     try:

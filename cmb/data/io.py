@@ -18,6 +18,9 @@ from cmb.errors import DataError
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 CONNECTIVITY_26 = ndimage.generate_binary_structure(3, 3)  # CMB label components and stage-1 candidates are 26-connected
 log = logging.getLogger(__name__)
+# Refused before any voxel is read: a volume this large needs far more memory than a head scan (~60 bytes per voxel
+# in infer.py), and a small .nii.gz of zeros can declare one (2**28: e.g. 1024x1024x256).
+MAX_VOXELS = 2**28
 MAX_NEGATIVE_SHARE = 0.05  # of an image's non-zero voxels; more is refused (interpolation leaves a few slightly negative)
 
 
@@ -54,8 +57,12 @@ def load_volume(path: str | Path, *, what: str = "image", check_window: bool = T
         raise DataError(path, f"{what} is not a NIfTI file (expected .nii or .nii.gz)")
     try:
         img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
     except Exception as err:  # nibabel raises many types for corrupt files
+        raise DataError(path, f"cannot read {what} as NIfTI ({type(err).__name__}: {err})") from None
+    check_voxel_count(path, tuple(img.shape), what)
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as err:
         raise DataError(path, f"cannot read {what} as NIfTI ({type(err).__name__}: {err})") from None
     affine = np.asarray(img.affine, dtype=float)
     _check_geometry(path, img, affine, what)
@@ -67,6 +74,14 @@ def load_volume(path: str | Path, *, what: str = "image", check_window: bool = T
     if what == "image":
         check_image_values(path, data, check_window)
     return data, affine
+
+
+def check_voxel_count(path: Path, shape: tuple[int, ...], what: str = "image") -> None:
+    """Refuse a volume of more than `MAX_VOXELS` voxels (`DataError` naming `path`), from its header's shape alone."""
+    voxels = int(np.prod([int(n) for n in shape], dtype=object))
+    if voxels > MAX_VOXELS:
+        raise DataError(path, f"{what} has {voxels:,} voxels (shape {tuple(int(n) for n in shape)}), more than cmb reads "
+                              f"({MAX_VOXELS:,}, e.g. 1024x1024x256): crop it to the head or resample it to a coarser voxel size first")
 
 
 def check_image_values(path: Path, data: np.ndarray, check_window: bool = True) -> None:
