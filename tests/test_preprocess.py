@@ -205,3 +205,32 @@ def test_processes_generating_one_synthetic_dataset_at_once_all_succeed(tmp_path
     roots = _run_three(_generate, str(tmp_path))
     assert len(set(roots)) == 1 and (Path(roots[0]) / "phantom.json").is_file(), roots
     assert [p.name for p in (tmp_path / "synthetic").iterdir()] == [Path(roots[0]).name]  # no temporary copies left
+
+
+def test_labelled_cmbs_the_mask_leaves_out_are_named_once(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    """A user mask that leaves out one of two CMBs: a warning names that CMB's position, once per scan and process;
+    a mask that covers both gives none."""
+    from tests.conftest import AFFINE, make_volume, save
+
+    from cmb.data.readers import NiftiDataset
+
+    image, labels = make_volume(0, [(12, 12, 8), (32, 32, 14)])
+    save(image, tmp_path / "d" / "images" / "x.nii.gz")
+    save(labels, tmp_path / "d" / "labels" / "x.nii.gz")
+    mask = np.zeros(image.shape, np.uint8)
+    mask[2:24, 2:24, 1:20] = 1
+    save(mask, tmp_path / "d" / "masks" / "x.nii.gz")
+    cfg = pp.PreprocessConfig(mask="user", n4=False)
+    ds = NiftiDataset(tmp_path / "d")
+    with caplog.at_level("WARNING", logger="cmb.data.preprocess"):
+        pp.preprocess_on_working_grid(ds.load("x"), cfg, tmp_path / "cache")
+        pp.preprocess_on_working_grid(ds.load("x"), cfg, tmp_path / "cache")
+    outside = [r.getMessage() for r in caplog.records if "outside the brain mask" in r.getMessage()]
+    centre_mm = ", ".join(f"{v:.0f}" for v in np.array([32, 32, 14]) * np.diag(AFFINE)[:3])
+    assert len(outside) == 1 and f"x: 1 of 2 labelled CMBs lie outside the brain mask (user), at ({centre_mm}) mm" in outside[0]
+    mask[:] = 1
+    save(mask, tmp_path / "d" / "masks" / "x.nii.gz")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cmb.data.preprocess"):
+        pp.preprocess_on_working_grid(NiftiDataset(tmp_path / "d").load("x"), cfg, tmp_path / "cache")
+    assert not [r for r in caplog.records if "outside the brain mask" in r.getMessage()]

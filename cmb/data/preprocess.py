@@ -92,7 +92,7 @@ def _numpy(img: sitk.Image) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(sitk.GetArrayFromImage(img), (2, 1, 0)))
 
 
-def threshold_brain_mask(image: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+def threshold_brain_mask(image: np.ndarray, spacing: tuple[float, float, float], closing_mm: float = 3.0) -> np.ndarray:
     """Offline SWI brain mask: Otsu -> erosion (cuts scalp bridges) -> largest component
     -> geodesic dilation inside the foreground (never across the dark skull) -> closing
     -> hole filling (3D and per slice). Bool (I, J, K).
@@ -113,7 +113,7 @@ def threshold_brain_mask(image: np.ndarray, spacing: tuple[float, float, float])
     brain = largest
     for _ in range(max(radius)):  # geodesic dilation: grows back inside fg only, never across the skull
         brain = sitk.BinaryDilate(brain, [1, 1, 1]) & fg
-    brain = sitk.BinaryMorphologicalClosing(brain, [max(1, int(round(3.0 / s))) for s in small_spacing])
+    brain = sitk.BinaryMorphologicalClosing(brain, [max(1, int(round(closing_mm / s))) for s in small_spacing])
     brain = sitk.BinaryFillhole(brain)
     mask = _numpy(brain).astype(bool)
     mask = np.stack([ndimage.binary_fill_holes(mask[:, :, k]) for k in range(mask.shape[2])], axis=2)
@@ -371,7 +371,36 @@ def preprocess_on_working_grid(scan: Scan, cfg: PreprocessConfig, cache_dir: str
     """`scan` on the working grid of `cfg.spacing` (cmb.data.resample.working_scan) and its preprocessing: the one path
     of training, out-of-fold detection, stage=score and infer.py."""
     scan = working_scan(scan, cfg.spacing)
-    return scan, preprocess_scan(scan, cfg, cache_dir)
+    pre = preprocess_scan(scan, cfg, cache_dir)
+    warn_cmbs_outside_mask(scan, pre)
+    return scan, pre
+
+
+_warned_outside: set[tuple[str, str]] = set()  # (scan source, mask method): each scan is warned about once per process
+
+
+def cmbs_outside_mask(scan: Scan, mask: np.ndarray) -> list:
+    """The scan's labelled CMBs whose centre voxel lies outside `mask` (bool (I, J, K) on the scan's grid)."""
+    outside = []
+    for cmb in scan.cmbs:
+        voxel = tuple(np.clip(np.rint(cmb.centroid_vox).astype(int), 0, np.array(mask.shape) - 1))
+        if not mask[voxel]:
+            outside.append(cmb)
+    return outside
+
+
+def warn_cmbs_outside_mask(scan: Scan, pre: Preprocessed) -> None:
+    """A warning naming the labelled CMBs the brain mask leaves out: the image is 0 there, so they cannot be found and
+    count as missed (a mask cut at a dark lesion on the brain's edge, or a mask of another scan)."""
+    outside = cmbs_outside_mask(scan, pre.mask)
+    key = (str(scan.path), str(pre.meta.get("mask_method")))
+    if not outside or key in _warned_outside:
+        return
+    _warned_outside.add(key)
+    where = "; ".join("(" + ", ".join(f"{v:.0f}" for v in c.centroid_mm) + ")" for c in outside[:5])
+    log.warning("%s: %d of %d labelled CMBs lie outside the brain mask (%s), at %s mm RAS: the image is 0 there, so they cannot "
+                "be found and count as missed; check the mask (masks/<id>.nii.gz or preprocess.mask)", scan.scan_id, len(outside),
+                len(scan.cmbs), pre.meta.get("mask_method"), where)
 
 
 def preprocess_scan(scan: Scan, cfg: PreprocessConfig, cache_dir: str | Path | None = None) -> Preprocessed:
