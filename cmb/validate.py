@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cmb.errors import ConfigError
 from cmb.mixes import NOT_DRAWABLE, stage_draws
@@ -117,6 +117,7 @@ def check_train(cfg: DictConfig) -> None:
         integer(cfg, "protocol.train_scans", 1, " or null (all of each fold's training scans)")
     for stage_key in ("unet", "cnn"):
         synthetic_cmbs(cfg, stage_key)
+        window_zoom(cfg, f"{stage_key}.zoom")
         sampling_mix(cfg, f"{stage_key}.sampling")
     if _get(cfg, "unet.refine.sampling") is not None:
         sampling_mix(cfg, "unet.refine.sampling")
@@ -165,6 +166,21 @@ def synthetic_cmbs(cfg: DictConfig, stage_key: str) -> None:
         SyntheticCMBConfig.from_dict(OmegaConf.to_container(settings, resolve=True) if isinstance(settings, DictConfig) else None)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{stage_key}.synthetic: {err}") from None
+
+
+def window_zoom(cfg: DictConfig, key: str) -> None:
+    """`<stage>.zoom`: null, or {share: in (0, 1], factors: [low, high] with 0.5 <= low <= high <= 2}."""
+    zoom = _get(cfg, key)
+    if zoom is None:
+        return
+    what = f"{key}={OmegaConf.to_container(zoom) if isinstance(zoom, DictConfig) else zoom!r} is not allowed: null or " \
+           "{share: s, factors: [low, high]} with s in (0, 1] and 0.5 <= low <= high <= 2"
+    if not isinstance(zoom, DictConfig) or set(zoom.keys()) != {"share", "factors"}:
+        raise ConfigError(what)
+    factors = zoom.get("factors")
+    if not _is_number(zoom.get("share")) or not 0 < float(zoom.share) <= 1 or not isinstance(factors, ListConfig) or len(factors) != 2 \
+            or not all(_is_number(f) for f in factors) or not 0.5 <= float(factors[0]) <= float(factors[1]) <= 2:
+        raise ConfigError(what)
 
 
 def spacing_mm(value: Any, other_values: str) -> tuple[float, float, float]:

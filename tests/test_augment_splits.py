@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cmb import WINDOW
-from cmb.data.augment import augment_window, crop_centred, region_size, window_augmentation
+from cmb.data.augment import augment_window, crop_centred, region_size, window_augmentation, zoomed_region
 from cmb.data.patches import PatchDataset, TrainingVolume, build_training_volume
 from cmb.data.preprocess import Preprocessed
 from cmb.data.scan import Scan
@@ -69,6 +69,46 @@ def test_patch_dataset_positives_are_centred_and_varied() -> None:
     assert len(offsets) > 5
     again = PatchDataset([_volume_with_dot()], n_samples=64, mix={"positive": 1.0}, seed=0)
     assert all(np.array_equal(ds[i]["target"], again[i]["target"]) for i in range(8))
+
+
+def _volume_with_ball(radius: float, centre=(30, 30, 20), shape=(60, 60, 40)) -> TrainingVolume:
+    grid = np.indices(shape)
+    ball = sum((g - c) ** 2 for g, c in zip(grid, centre)) <= radius**2
+    image = np.where(ball, 0.1, 1.0).astype(np.float32)
+    return TrainingVolume("v", image, ball.astype(np.uint8), np.array([centre]), np.argwhere(~ball)[::50], np.zeros((0, 3), int))
+
+
+def test_a_zoomed_region_at_factor_one_is_the_plain_crop_and_enlarges_about_its_centre() -> None:
+    rng = np.random.default_rng(0)
+    volume = rng.random((30, 28, 20)).astype(np.float32)
+    for centre in [(15, 14, 10), (1, 26, 3)]:  # inside, and at the edge (zeros past it)
+        for order in (0, 1):
+            np.testing.assert_array_equal(zoomed_region(volume, centre, (21, 21, 17), 1.0, order), crop_centred(volume, centre, (21, 21, 17)))
+    ball = _volume_with_ball(3.0).target
+    plain = crop_centred(ball, (30, 30, 20), (23, 23, 19))
+    zoomed = zoomed_region(ball, (30, 30, 20), (23, 23, 19), 1.5, order=0)
+    assert zoomed[11, 11, 9] == 1 and 1.5**3 * 0.8 < zoomed.sum() / plain.sum() < 1.5**3 * 1.2
+    where = np.argwhere(zoomed > 0)
+    np.testing.assert_allclose(where.mean(axis=0), (11, 11, 9), atol=0.01)  # still centred
+    assert zoomed.dtype == ball.dtype
+
+
+def test_zoomed_windows_enlarge_the_share_asked_and_keep_the_label() -> None:
+    """share 0.5, factors [1.5, 1.5]: about half the positives show the CMB 1.5x as large, centred as before; without
+    zoom every window is the plain one."""
+    volume = _volume_with_ball(3.0)
+    plain_size = (crop_centred(volume.target, (30, 30, 20), (23, 23, 19)) > 0).sum()
+    ds = PatchDataset([volume], n_samples=200, mix={"positive": 1.0}, seed=0, zoom=(0.5, 1.5, 1.5))
+    sizes = []
+    for i in range(200):
+        item = ds[i]
+        target = item["target"][0].numpy()
+        assert item["label"] == 1 and target[tuple(np.array(WINDOW) // 2)] == 1  # the CMB covers the centre, +-1 voxel too
+        sizes.append(int((target > 0).sum()))
+    enlarged = sum(size > 1.5 * plain_size for size in sizes)
+    assert 70 < enlarged < 130 and all(size >= 0.9 * plain_size for size in sizes)
+    plain = PatchDataset([volume], n_samples=50, mix={"positive": 1.0}, seed=0)
+    assert all((plain[i]["target"].numpy() > 0).sum() <= 1.1 * plain_size for i in range(50))
 
 
 def test_lotcv_folds_15_scans() -> None:

@@ -189,6 +189,9 @@ def test_train_rejects_bad_fold_and_unknown_dataset(tmp_path: Path, tiny_synthet
     ("preprocess.mask=hdbet", "preprocess.mask=hdbet: HD-BET is not installed; pip install -e '.[hdbet]'"),
     ("name=", "name='' is not allowed: the run folder's name under paths.runs_dir, e.g. name=my_run"),  # the runs folder itself
     ("name=../escape", "name='../escape' is not allowed"),  # a folder outside paths.runs_dir
+    ("cnn.zoom={share:2,factors:[1.0,1.5]}", "cnn.zoom={'share': 2, 'factors': [1.0, 1.5]} is not allowed: null or {share: s, factors:"),
+    ("unet.zoom={share:0.5,factors:[0.2,1.5]}", "unet.zoom={'share': 0.5, 'factors': [0.2, 1.5]} is not allowed"),
+    ("cnn.zoom=3", "cnn.zoom=3 is not allowed"),
 ])
 def test_bad_values_are_refused_at_the_door_before_any_folder_exists(tmp_path: Path, tiny_synthetic: Path, override: str,
                                                                       message: str) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from monai.data import get_track_meta, set_track_meta
 from monai.transforms import Compose, RandFlipd, RandRotate90d, RandSpatialCropd, Randomizable, SpatialCropd
+from scipy import ndimage
 
 from cmb import WINDOW
 
@@ -75,3 +76,15 @@ def crop_centred(volume: np.ndarray, centre: tuple[int, int, int] | np.ndarray, 
 def centred_window(volume: np.ndarray, centre: np.ndarray, window: tuple[int, int, int] = WINDOW) -> np.ndarray:
     """The un-augmented window around `centre` (centre at window//2)."""
     return crop_centred(volume, centre, window)
+
+
+def zoomed_region(volume: np.ndarray, centre: tuple[int, int, int] | np.ndarray, size: tuple[int, int, int], factor: float,
+                  order: int = 1) -> np.ndarray:
+    """`size` (odd side lengths) around integer `centre`, enlarged `factor` times about it: output voxel x samples the
+    volume at centre + (x - size//2) / factor (spline `order`: 1 for images, 0 for label maps), 0 past the volume's
+    edge. `factor` 1 is `crop_centred`. scipy's map_coordinates, not MONAI's RandZoom: it reads the volume itself, so
+    a window shrunk below 1 or near the edge needs no padding of a pre-cut region."""
+    centre = np.asarray(centre, dtype=float)
+    axes = [centre[a] + (np.arange(n) - n // 2) / float(factor) for a, n in enumerate(size)]
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"))
+    return ndimage.map_coordinates(volume, grid, order=order, mode="constant", cval=0.0).astype(volume.dtype, copy=False)

@@ -17,7 +17,7 @@ from scipy import ndimage
 from torch.utils.data import Dataset
 
 from cmb import WINDOW
-from cmb.data.augment import augment_window, crop_centred, region_size, window_augmentation
+from cmb.data.augment import augment_window, crop_centred, region_size, window_augmentation, zoomed_region
 from cmb.data.preprocess import Preprocessed
 from cmb.data.scan import Scan
 from cmb.data.synthetic_cmb import SyntheticCMBConfig, draw_cmb, insert_cmb, next_to, plausible_site
@@ -109,7 +109,9 @@ class PatchDataset(Dataset):
     `positive_weights` (one per training CMB, in the order of `cmb.models.health.cmb_windows`):
     relative draw weights of the positives
     (None: uniform). `window`: the window cut (20x20x16; larger for a CNN with a context view,
-    `cmb.models.discriminator.DouCNN.input_window`). Returns {"image": (1, *window) float32,
+    `cmb.models.discriminator.DouCNN.input_window`). `zoom` (share, low, high): that share of the windows, of every
+    kind, is cut enlarged about its centre by a factor uniform in [low, high] (`zoomed_region`), before the other
+    augmentation; None: none. Returns {"image": (1, *window) float32,
     "target": (1, *window) float32, "label": () float32 (1 for a CMB-centred window)}.
     """
 
@@ -121,7 +123,7 @@ class PatchDataset(Dataset):
                  max_shift: int = 1, flip: bool = True, rotate: bool = True, negative_shift: int | None = None,
                  transplant_sites: tuple[str, ...] = ("dark", "mimic"), transplant_gamma: tuple[float, float] = (0.75, 1.25),
                  positive_weights: np.ndarray | None = None, synthetic: SyntheticCMBConfig | None = None,
-                 window: tuple[int, int, int] = WINDOW) -> None:
+                 window: tuple[int, int, int] = WINDOW, zoom: tuple[float, float, float] | None = None) -> None:
         if not volumes:
             raise ValueError("PatchDataset needs at least one training volume")
         self.volumes = volumes
@@ -131,6 +133,7 @@ class PatchDataset(Dataset):
         self.max_shift = max_shift
         self.negative_shift = max_shift if negative_shift is None else negative_shift
         self.window = tuple(int(w) for w in window)
+        self.zoom = None if zoom is None else tuple(float(z) for z in zoom)
         self.augmentations = {shift: window_augmentation(shift, self.window, flip, rotate) for shift in {self.max_shift, self.negative_shift}}
         unknown = set(mix) - set(self.KINDS)
         if unknown:
@@ -225,8 +228,15 @@ class PatchDataset(Dataset):
         is_cmb = kind in ("positive", "hit", "transplant", "synthetic")
         shift = self.max_shift if is_cmb else self.negative_shift
         size = region_size(shift, self.window)
-        image = crop_centred(vol.image, centre, size).astype(np.float32)
-        target = crop_centred(vol.target, centre, size).astype(np.float32)
+        factor = 1.0
+        if self.zoom is not None and rng.random() < self.zoom[0]:  # no draw at all without zoom: those windows stay as they were
+            factor = float(rng.uniform(self.zoom[1], self.zoom[2]))
+        if factor != 1.0:
+            image = zoomed_region(vol.image, centre, size, factor, order=1).astype(np.float32)
+            target = zoomed_region(vol.target, centre, size, factor, order=0).astype(np.float32)
+        else:
+            image = crop_centred(vol.image, centre, size).astype(np.float32)
+            target = crop_centred(vol.target, centre, size).astype(np.float32)
         if kind == "transplant":
             stamp = self.stamps[int(rng.integers(len(self.stamps)))]
             paste_stamp(image, target, stamp, float(rng.uniform(*self.transplant_gamma)))

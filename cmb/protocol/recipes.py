@@ -29,6 +29,7 @@ class Sampling:
     transplant: dict[str, Any] | None  # {"sites": [...], "gamma": [lo, hi]} for "transplant" windows
     num_workers: int
     synthetic: dict[str, Any] | None = None  # cmb.data.synthetic_cmb.SyntheticCMBConfig's fields for "synthetic" windows
+    zoom: tuple[float, float, float] | None = None  # (share, low, high): windows enlarged about their centre (PatchDataset)
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,10 @@ class MemberRecipe:
 def _sampling(mix: Any, stage_cfg: DictConfig, num_workers: int) -> Sampling:
     transplant = OmegaConf.to_container(stage_cfg.transplant, resolve=True) if stage_cfg.get("transplant") else None
     synthetic = OmegaConf.to_container(stage_cfg.synthetic, resolve=True) if stage_cfg.get("synthetic") else None
+    zoom = (float(stage_cfg.zoom.share), *(float(f) for f in stage_cfg.zoom.factors)) if stage_cfg.get("zoom") else None
     return Sampling({str(k): float(v) for k, v in dict(mix).items()}, int(stage_cfg.steps_per_epoch), int(stage_cfg.max_shift),
-                    None if stage_cfg.get("negative_shift") is None else int(stage_cfg.negative_shift), transplant, num_workers, synthetic)
+                    None if stage_cfg.get("negative_shift") is None else int(stage_cfg.negative_shift), transplant, num_workers, synthetic,
+                    zoom)  # type: ignore[arg-type]
 
 
 def member_recipe(cfg: DictConfig, stage: str) -> MemberRecipe:
