@@ -170,6 +170,16 @@ def test_a_volume_too_large_to_hold_is_refused_from_its_header(tmp_path: Path) -
         NiftiDataset(tmp_path / "bad").load("x")
 
 
+def test_a_label_map_given_as_the_image_is_refused_and_an_8_bit_image_is_not(tmp_path: Path) -> None:
+    image, labels = make_volume(0, [(12, 12, 8), (28, 26, 14)])
+    root = _dataset_with(tmp_path, labels.astype(np.float32), labels)
+    with pytest.raises(DataError, match=r"images/x\.nii\.gz: image has only 2 distinct non-zero value\(s\) \(1, 2\): a label map or "
+                                        r"brain mask, not an SWI"):
+        NiftiDataset(root).load("x")
+    eight_bit = np.round(255 * image / image.max()).astype(np.uint8)
+    assert len(NiftiDataset(_dataset_with(tmp_path / "ok", eight_bit, labels)).load("x").cmbs) == 2
+
+
 def test_image_smaller_than_window(tmp_path: Path) -> None:
     root = _dataset_with(tmp_path, np.ones((40, 40, 10), np.float32), np.zeros((40, 40, 10), np.int16))
     with pytest.raises(DataError, match=r"smaller than one \(20, 20, 16\) window"):

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 # Refused before any voxel is read: a volume this large needs far more memory than a head scan (~60 bytes per voxel
 # in infer.py), and a small .nii.gz of zeros can declare one (2**28: e.g. 1024x1024x256).
 MAX_VOXELS = 2**28
+MIN_DISTINCT_VALUES = 16  # an image with fewer distinct non-zero values is refused: a label map or mask, not an SWI
 MAX_NEGATIVE_SHARE = 0.05  # of an image's non-zero voxels; more is refused (interpolation leaves a few slightly negative)
 
 
@@ -85,8 +86,9 @@ def check_voxel_count(path: Path, shape: tuple[int, ...], what: str = "image") -
 
 
 def check_image_values(path: Path, data: np.ndarray, check_window: bool = True) -> None:
-    """Refuse NaN/Inf voxels, an all-zero image, one mostly negative (a phase image) and one smaller than a 20x20x16
-    window (`DataError` naming `path`)."""
+    """Refuse NaN/Inf voxels, an all-zero image, one mostly negative (a phase image), one smaller than a 20x20x16
+    window and one with fewer than `MIN_DISTINCT_VALUES` distinct non-zero values (a label map or mask given as the
+    image) (`DataError` naming `path`)."""
     if not np.isfinite(data).all():
         n_bad = int((~np.isfinite(data)).sum())
         raise DataError(path, f"image has {n_bad} NaN/Inf voxels; replace them (e.g. with 0) before use")
@@ -98,6 +100,18 @@ def check_image_values(path: Path, data: np.ndarray, check_window: bool = True) 
                               "a phase image? cmb reads SWI or magnitude images")
     if check_window and any(s < w for s, w in zip(data.shape, WINDOW)):
         raise DataError(path, f"image shape {data.shape} is smaller than one {WINDOW} window")
+    values = _distinct_values(data)
+    if len(values) < MIN_DISTINCT_VALUES:  # an SWI has thousands of grey values; a label map or mask a handful
+        shown = ", ".join(f"{v:g}" for v in values[:4])
+        raise DataError(path, f"image has only {len(values)} distinct non-zero value(s) ({shown}): a label map or brain mask, "
+                              "not an SWI or magnitude image")
+
+
+def _distinct_values(data: np.ndarray, sample: int = 200_000) -> np.ndarray:
+    """The distinct non-zero values among up to `sample` evenly strided non-zero voxels (a full np.unique of a
+    512x512x150 scan takes seconds; a label map has its few values everywhere, so a stride finds them)."""
+    nonzero = data[data != 0]
+    return np.unique(nonzero[:: max(1, len(nonzero) // sample)])
 
 
 def _check_geometry(path: Path, img: object, affine: np.ndarray, what: str) -> None:
