@@ -180,6 +180,16 @@ def test_a_label_map_given_as_the_image_is_refused_and_an_8_bit_image_is_not(tmp
     assert len(NiftiDataset(_dataset_with(tmp_path / "ok", eight_bit, labels)).load("x").cmbs) == 2
 
 
+def test_data_root_pointed_at_the_images_folder_says_which_folder_to_give(tmp_path: Path) -> None:
+    image, labels = make_volume(0, [(12, 12, 8)])
+    root = _dataset_with(tmp_path, image, labels)
+    with pytest.raises(DataError, match=r"images/images: missing the images/ folder of the nifti layout; .*images itself holds NIfTI "
+                                        r"files: give the folder that holds images/ and labels/"):
+        NiftiDataset(root / "images")
+    with pytest.raises(DataError, match=r"missing the images/ folder of the nifti layout$"):
+        NiftiDataset(tmp_path)  # a folder without NIfTI files gets no hint
+
+
 def test_image_smaller_than_window(tmp_path: Path) -> None:
     root = _dataset_with(tmp_path, np.ones((40, 40, 10), np.float32), np.zeros((40, 40, 10), np.int16))
     with pytest.raises(DataError, match=r"smaller than one \(20, 20, 16\) window"):

@@ -203,7 +203,10 @@ class NiftiDataset(ScanDataset):
         self.root = _check_root(root)
         self.images_dir = self.root / images_dir
         if not self.images_dir.is_dir():
-            raise DataError(self.images_dir, "missing the images/ folder of the nifti layout")
+            scans_here = any(is_nifti_name(p) for p in self.root.iterdir() if p.is_file())
+            hint = (f"; {self.root} itself holds NIfTI files: give the folder that holds images/ and labels/ (or "
+                    "annotations.csv) as data.root") if scans_here else ""
+            raise DataError(self.images_dir, f"missing the images/ folder of the nifti layout{hint}")
         self._images = _nifti_files(self.images_dir, series_folders=True)
         if not self._images:
             raise DataError(self.images_dir, "empty dataset: no .nii or .nii.gz images and no DICOM series folders found")
