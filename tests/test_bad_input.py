@@ -58,11 +58,19 @@ def test_corrupt_mat(tmp_path: Path) -> None:
         DouDataset(tmp_path).load("01")
 
 
-@pytest.mark.parametrize("shape,match", [((40, 40), "must be a 3D volume, got 2D"), ((40, 40, 24, 2), "got 4D")])
+@pytest.mark.parametrize("shape,match", [((40, 40), "must be a 3D volume, got 2D"),
+                                         ((40, 40, 24, 2), r"got 4D with shape \(40, 40, 24, 2\): 2 volumes \(several echoes"),
+                                         ((40, 40, 24, 2, 1), r"got 4D with shape \(40, 40, 24, 2\): 2 volumes")])
 def test_2d_and_4d_images(tmp_path: Path, shape, match) -> None:
     root = _dataset_with(tmp_path, np.ones(shape, np.float32), np.zeros((40, 40, 24), np.int16))
     with pytest.raises(DataError, match=match):
         NiftiDataset(root).load("x")
+
+
+def test_a_volume_with_trailing_singleton_axes_is_read_as_3d(tmp_path: Path) -> None:
+    image, labels = make_volume(0, [(12, 12, 8)])
+    root = _dataset_with(tmp_path, image[..., None, None], labels)
+    assert NiftiDataset(root).load("x").image.shape == image.shape
 
 
 def test_nan_inf_and_all_zero(tmp_path: Path) -> None:

@@ -67,8 +67,11 @@ def load_volume(path: str | Path, *, what: str = "image", check_window: bool = T
         raise DataError(path, f"cannot read {what} as NIfTI ({type(err).__name__}: {err})") from None
     affine = np.asarray(img.affine, dtype=float)
     _check_geometry(path, img, affine, what)
-    if data.ndim == 4 and data.shape[3] == 1:
+    while data.ndim > 3 and data.shape[-1] == 1:  # (I, J, K, 1) or (I, J, K, 1, 1): one volume
         data = data[..., 0]
+    if data.ndim > 3:
+        raise DataError(path, f"{what} must be a 3D volume, got {data.ndim}D with shape {tuple(data.shape)}: "
+                              f"{data.shape[3]} volumes (several echoes or time points?); save the one to use as a 3D file")
     if data.ndim != 3:
         raise DataError(path, f"{what} must be a 3D volume, got {data.ndim}D with shape {tuple(data.shape)}")
     data = np.asarray(data, dtype=np.float32)
