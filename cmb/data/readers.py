@@ -64,14 +64,14 @@ def instances_from_label_map(labels: np.ndarray) -> np.ndarray:
     A binary map is split into 26-connected components; a map with several integer
     values keeps each value as its own CMB (even if it is not connected).
     """
-    labels = np.rint(labels).astype(np.int64)
-    positive = labels > 0
-    values = np.unique(labels[positive])
+    positive = labels > 0.5  # the voxels whose rounded value is > 0; rounding only those (a label map is mostly 0)
+    ids = np.rint(labels[positive]).astype(np.int64)
+    values = np.unique(ids)
     if len(values) <= 1:
         out, _ = ndimage.label(positive, structure=CONNECTIVITY_26)
         return out.astype(np.int32)
     out = np.zeros(labels.shape, dtype=np.int32)
-    out[positive] = np.searchsorted(values, labels[positive]) + 1  # value -> its rank, in one pass over the volume
+    out[positive] = np.searchsorted(values, ids) + 1  # value -> its rank, in one pass over the volume
     return out
 
 
