@@ -198,6 +198,25 @@ def test_data_root_pointed_at_the_images_folder_says_which_folder_to_give(tmp_pa
         NiftiDataset(tmp_path)  # a folder without NIfTI files gets no hint
 
 
+def test_a_label_map_or_mask_without_an_image_or_given_twice_is_refused(tmp_path: Path) -> None:
+    """Before: an image missing from images/ left its label map unread, and the run trained on one scan fewer."""
+    image, labels = make_volume(0, [(12, 12, 8)])
+    root = _dataset_with(tmp_path, image, labels)
+    (root / "labels" / "notes.txt").write_text("rater 2")  # not NIfTI: not looked at
+    assert NiftiDataset(root).scan_ids() == ["x"]
+    save(labels, root / "labels" / "y.nii.gz")
+    with pytest.raises(DataError, match=r"labels: 1 label map file\(s\) without an image in images/: y\.nii\.gz; add their images"):
+        NiftiDataset(root)
+    (root / "labels" / "y.nii.gz").unlink()
+    save(labels, root / "labels" / "x.nii")
+    with pytest.raises(DataError, match=r"labels: two label map files for one scan: x\.nii and x\.nii\.gz; keep one"):
+        NiftiDataset(root)
+    (root / "labels" / "x.nii").unlink()
+    save((image > 0).astype(np.uint8), root / "masks" / "z.nii.gz")
+    with pytest.raises(DataError, match=r"masks: 1 brain mask file\(s\) without an image in images/: z\.nii\.gz"):
+        NiftiDataset(root)
+
+
 def test_image_smaller_than_window(tmp_path: Path) -> None:
     root = _dataset_with(tmp_path, np.ones((40, 40, 10), np.float32), np.zeros((40, 40, 10), np.int16))
     with pytest.raises(DataError, match=r"smaller than one \(20, 20, 16\) window"):

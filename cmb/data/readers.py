@@ -223,6 +223,9 @@ class NiftiDataset(ScanDataset):
             missing = [i for i in self._images if _find_nifti(self.labels_dir, i) is None]
             if missing:
                 raise DataError(self.labels_dir, f"no label map for scan(s) {missing[:5]}")
+        for folder, what in ((self.labels_dir, "label map"), (self.masks_dir, "brain mask")):
+            if folder.is_dir():
+                _refuse_orphans(folder, set(self._images), what)
         if self.truth == "points":
             self._points = read_annotations(self.annotations_path, set(self._images))
             series = sorted(i for i in self._points if self._images[i].is_dir() and len(self._points[i]))
@@ -263,6 +266,23 @@ def _nifti_files(folder: Path, series_folders: bool = False) -> dict[str, Path]:
             raise DataError(path, f"scan id {stem!r} appears twice ({files[stem].name})")
         files[stem] = path
     return files
+
+
+def _refuse_orphans(folder: Path, scan_ids: set[str], what: str) -> None:
+    """A DataError naming `folder` when it holds a NIfTI file whose scan id has no image (a scan left out by mistake
+    would silently train on fewer scans), or two files for one scan (`x.nii` and `x.nii.gz`: which is meant?).
+    Files that are not NIfTI (notes, sidecars) are not looked at."""
+    stems: dict[str, list[str]] = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and not path.name.startswith(".") and is_nifti_name(path):
+            stems.setdefault(nifti_stem(path), []).append(path.name)
+    twice = sorted(names for names in stems.values() if len(names) > 1)
+    if twice:
+        raise DataError(folder, f"two {what} files for one scan: {' and '.join(twice[0])}; keep one")
+    orphans = sorted(set(stems) - scan_ids)
+    if orphans:
+        raise DataError(folder, f"{len(orphans)} {what} file(s) without an image in images/: {', '.join(stems[o][0] for o in orphans[:5])}"
+                                f"; add their images, or move them out of {folder.name}/")
 
 
 def _find_nifti(folder: Path, scan_id: str) -> Path | None:
