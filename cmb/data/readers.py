@@ -118,17 +118,25 @@ def cmbs_from_points(points_src_vox: np.ndarray, src_affine: np.ndarray, canon_a
 
 
 def _integer_labels(labels: np.ndarray, path: Path) -> np.ndarray:
-    """A label map with integer values as it is; a binary-like one with fractions in (0, 1] (e.g. a resampled
-    binary mask) as its voxels > 0 (with a warning); other fractional values are refused, never rounded away."""
+    """A label map with integer values as it is. A binary-like one with fractions in (0, 1] (e.g. a resampled binary
+    mask): each 26-connected component of its voxels > 0 that reaches 0.5 somewhere, as 1 (with a warning); components
+    that never reach 0.5 (interpolation or float noise, e.g. 1e-6 scattered over the scan) are dropped and counted.
+    Fractional values in a map with ids above 1 are refused, never rounded away."""
     positive = labels[labels > 0]
     if np.all(positive == np.round(positive)):
         return labels
     if positive.max() <= 1.0:
-        log.warning("%s: label map has fractional values in (0, 1] (a resampled binary mask?); every voxel > 0 counts as CMB", path)
-        return (labels > 0).astype(np.float32)
+        components, n = ndimage.label(labels > 0, structure=CONNECTIVITY_26)
+        peaks = np.asarray(ndimage.maximum(labels, components, np.arange(1, n + 1)), dtype=float).reshape(-1)
+        keep = np.concatenate([[False], peaks >= 0.5])
+        dropped = int(n - keep.sum())
+        log.warning("%s: label map has fractional values in (0, 1] (a resampled binary mask?); every voxel > 0 of a component "
+                    "that reaches 0.5 counts as CMB%s", path,
+                    f"; {dropped} component(s) that never reach 0.5 (interpolation noise) are not CMBs" if dropped else "")
+        return keep[components].astype(np.float32)
     example = float(positive[positive != np.round(positive)][0])
-    raise DataError(path, f"label map has non-integer values above 1 (e.g. {example:g}); give integer CMB ids or a binary map "
-                          "(rounding would silently drop or merge CMBs)")
+    raise DataError(path, f"label map has non-integer values (e.g. {example:g}) among ids up to {float(positive.max()):g}; give integer "
+                          "CMB ids or a binary map (rounding would silently drop or merge CMBs)")
 
 
 def build_scan(scan_id: str, image_path: Path, *, label_path: Path | None = None, points: np.ndarray | None = None,
