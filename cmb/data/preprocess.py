@@ -29,7 +29,7 @@ from scipy import ndimage
 from cmb.conf_utils import refuse_code
 from cmb.data.io import load_volume, same_grid, temp_folder, to_canonical
 from cmb.data.resample import resample_to_grid, working_scan
-from cmb.data.scan import Scan
+from cmb.data.scan import CMBInstance, Scan
 from cmb.errors import ConfigError, DataError
 from cmb.validate import MASK_METHODS, spacing_mm
 
@@ -379,7 +379,7 @@ def preprocess_on_working_grid(scan: Scan, cfg: PreprocessConfig, cache_dir: str
 _warned_outside: set[tuple[str, str]] = set()  # (scan source, mask method): each scan is warned about once per process
 
 
-def cmbs_outside_mask(scan: Scan, mask: np.ndarray) -> list:
+def cmbs_outside_mask(scan: Scan, mask: np.ndarray) -> list[CMBInstance]:
     """The scan's labelled CMBs whose centre voxel lies outside `mask` (bool (I, J, K) on the scan's grid)."""
     outside = []
     for cmb in scan.cmbs:
