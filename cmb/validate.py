@@ -118,6 +118,7 @@ def check_train(cfg: DictConfig) -> None:
     for stage_key in ("unet", "cnn"):
         synthetic_cmbs(cfg, stage_key)
         window_zoom(cfg, f"{stage_key}.zoom")
+        window_contrast(cfg, f"{stage_key}.contrast")
         sampling_mix(cfg, f"{stage_key}.sampling")
     if _get(cfg, "unet.refine.sampling") is not None:
         sampling_mix(cfg, "unet.refine.sampling")
@@ -180,6 +181,21 @@ def window_zoom(cfg: DictConfig, key: str) -> None:
     factors = zoom.get("factors")
     if not _is_number(zoom.get("share")) or not 0 < float(zoom.share) <= 1 or not isinstance(factors, ListConfig) or len(factors) != 2 \
             or not all(_is_number(f) for f in factors) or not 0.5 <= float(factors[0]) <= float(factors[1]) <= 2:
+        raise ConfigError(what)
+
+
+def window_contrast(cfg: DictConfig, key: str) -> None:
+    """`<stage>.contrast`: null, or {share: in (0, 1], gamma: [low, high] with 0.1 <= low <= high <= 10}."""
+    contrast = _get(cfg, key)
+    if contrast is None:
+        return
+    what = f"{key}={OmegaConf.to_container(contrast) if isinstance(contrast, DictConfig) else contrast!r} is not allowed: null " \
+           "or {share: s, gamma: [low, high]} with s in (0, 1] and 0.1 <= low <= high <= 10"
+    if not isinstance(contrast, DictConfig) or set(contrast.keys()) != {"share", "gamma"}:
+        raise ConfigError(what)
+    gamma = contrast.get("gamma")
+    if not _is_number(contrast.get("share")) or not 0 < float(contrast.share) <= 1 or not isinstance(gamma, ListConfig) \
+            or len(gamma) != 2 or not all(_is_number(g) for g in gamma) or not 0.1 <= float(gamma[0]) <= float(gamma[1]) <= 10:
         raise ConfigError(what)
 
 

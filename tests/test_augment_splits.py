@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cmb import WINDOW
-from cmb.data.augment import augment_window, crop_centred, region_size, window_augmentation, zoomed_region
+from cmb.data.augment import augment_window, crop_centred, region_size, scale_log_contrast, window_augmentation, zoomed_region
 from cmb.data.patches import PatchDataset, TrainingVolume, build_training_volume
 from cmb.data.preprocess import Preprocessed
 from cmb.data.scan import Scan
@@ -109,6 +109,40 @@ def test_zoomed_windows_enlarge_the_share_asked_and_keep_the_label() -> None:
     assert 70 < enlarged < 130 and all(size >= 0.9 * plain_size for size in sizes)
     plain = PatchDataset([volume], n_samples=50, mix={"positive": 1.0}, seed=0)
     assert all((plain[i]["target"].numpy() > 0).sum() <= 1.1 * plain_size for i in range(50))
+
+
+
+def test_log_contrast_keeps_the_peak_and_the_background_and_powers_the_ratio() -> None:
+    """0.5 (the normalized peak) and 0 (outside the brain) stay; a voxel at a ratio r to the peak goes to r**gamma."""
+    image = np.array([0.0, 0.125, 0.25, 0.5, 1.0], np.float32)
+    darker = scale_log_contrast(image, 2.0, 0.5)
+    np.testing.assert_allclose(darker, [0.0, 0.5 * 0.25**2, 0.5 * 0.5**2, 0.5, 0.5 * 2.0**2], rtol=1e-6)
+    np.testing.assert_allclose(scale_log_contrast(image, 0.5, 0.5), [0.0, 0.25, 0.5 * 0.5**0.5, 0.5, 0.5 * 2**0.5], rtol=1e-6)
+    np.testing.assert_array_equal(scale_log_contrast(image, 1.0, 0.5), image)
+    assert darker.dtype == np.float32
+
+
+def test_contrast_scaled_windows_take_the_share_asked_and_leave_the_rest_and_the_labels_as_they_were() -> None:
+    """share 0.5, gamma [2, 2]: about half the CMB-centred windows show the CMB's core at 0.5 * (v / 0.5)**2 instead of v;
+    flips, turns, shifts and targets are those of the same dataset without the option, and its windows are unchanged."""
+    volume = _volume_with_ball(3.0)
+    volume.image[volume.target > 0] = 0.25
+    volume.image[volume.target == 0] = 0.5
+    mix = {"positive": 0.5, "random": 0.5}
+    scaled = PatchDataset([volume], n_samples=200, mix=mix, seed=0, contrast=(0.5, 2.0, 2.0, 0.5))
+    plain = PatchDataset([volume], n_samples=200, mix=mix, seed=0)
+    cores = {"positive": [], "negative": []}
+    for i in range(200):
+        item, reference = scaled[i], plain[i]
+        np.testing.assert_array_equal(item["target"].numpy(), reference["target"].numpy())
+        assert item["label"] == reference["label"]
+        image = item["image"].numpy()
+        assert np.all(np.isin(np.round(image, 6), np.round([0.0, 0.5, 0.25, 0.125], 6)))
+        if (item["target"].numpy() > 0).any():
+            cores["positive" if item["label"] == 1 else "negative"].append(float(image[item["target"].numpy() > 0].mean()))
+    n = len(cores["positive"])
+    assert n > 60 and 0.3 * n < sum(c == pytest.approx(0.125) for c in cores["positive"]) < 0.7 * n
+    assert all(c in (pytest.approx(0.125), pytest.approx(0.25)) for c in cores["positive"])
 
 
 def test_lotcv_folds_15_scans() -> None:

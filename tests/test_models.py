@@ -265,6 +265,9 @@ def test_context_zoom_and_sampling_mixes_are_checked_at_the_door_and_enter_the_h
                               # kinds whose pool does not exist in that round would silently draw nothing
                               ("+unet.sampling.mimic=0.2", "unet.sampling.mimic=0.2 is not allowed: the U-Nets' first round has no false "
                                                            r"positives yet; the hard-negative round draws them \(unet.refine.sampling.mimic\)"),
+                              ("cnn.contrast={share:0.5,gamma:[2,1]}", r"cnn.contrast=\{'share': 0.5, 'gamma': \[2, 1\]\} is not allowed"),
+                              ("unet.contrast={share:0,gamma:[0.5,2]}", "unet.contrast=.* is not allowed: null or"),
+                              ("unet.contrast=2", "unet.contrast=2 is not allowed"),
                               ("+unet.refine.sampling.hit=0.1", r"unet.refine.sampling.hit=0.1 is not allowed: stage-1 hits come from the "
                                                                 r"fold's trained U-Nets; only the CNNs draw them \(cnn.sampling.hit\)")]:
         with pytest.raises(ConfigError, match=message):
@@ -275,6 +278,9 @@ def test_context_zoom_and_sampling_mixes_are_checked_at_the_door_and_enter_the_h
     hashes = [settings_hash(member_settings(c, "cnn", split, 20)) for c in (default, off, on)]
     assert hashes[0] == hashes[1] != hashes[2]
     assert settings_hash(member_settings(on, "unet", split, 20)) == settings_hash(member_settings(default, "unet", split, 20))
+    contrast = compose_train(["unet.contrast={share:0.5,gamma:[0.33,3]}"])
+    check_train(contrast)
+    assert settings_hash(member_settings(contrast, "unet", split, 20)) != settings_hash(member_settings(default, "unet", split, 20))
 
 
 def test_stage1_hits_are_mined_where_the_unets_place_them_and_drawn_as_positives(tmp_path: Path) -> None:

@@ -88,3 +88,14 @@ def zoomed_region(volume: np.ndarray, centre: tuple[int, int, int] | np.ndarray,
     axes = [centre[a] + (np.arange(n) - n // 2) / float(factor) for a, n in enumerate(size)]
     grid = np.stack(np.meshgrid(*axes, indexing="ij"))
     return ndimage.map_coordinates(volume, grid, order=order, mode="constant", cval=0.0).astype(volume.dtype, copy=False)
+
+
+def scale_log_contrast(image: np.ndarray, gamma: float, anchor: float) -> np.ndarray:
+    """`image` (any shape, normalized intensities >= 0) with its log-contrast about `anchor` scaled by `gamma`:
+    anchor * (image / anchor) ** gamma, so the normalized histogram peak (`anchor`) stays where preprocessing put
+    it, a voxel half as bright as the peak becomes 0.5**gamma as bright, and 0 (outside the brain) stays 0.
+    Why its own: SWI's dark contrast is multiplicative (magnitude times phase mask**n, dephasing growing with
+    TE), so scanners differ by a power of the ratio to the background; MONAI's RandAdjustContrast raises the
+    window's min-max-scaled values instead, which moves the peak away from `anchor`."""
+    ratio = np.clip(image, 0.0, None) / float(anchor)
+    return (float(anchor) * np.power(ratio, float(gamma))).astype(image.dtype, copy=False)

@@ -17,7 +17,7 @@ from scipy import ndimage
 from torch.utils.data import Dataset
 
 from cmb import WINDOW
-from cmb.data.augment import augment_window, crop_centred, region_size, window_augmentation, zoomed_region
+from cmb.data.augment import augment_window, crop_centred, region_size, scale_log_contrast, window_augmentation, zoomed_region
 from cmb.data.preprocess import Preprocessed
 from cmb.data.scan import Scan
 from cmb.data.synthetic_cmb import SyntheticCMBConfig, draw_cmb, insert_cmb, next_to, plausible_site
@@ -111,7 +111,9 @@ class PatchDataset(Dataset):
     (None: uniform). `window`: the window cut (20x20x16; larger for a CNN with a context view,
     `cmb.models.discriminator.DouCNN.input_window`). `zoom` (share, low, high): that share of the windows, of every
     kind, is cut enlarged about its centre by a factor uniform in [low, high] (`zoomed_region`), before the other
-    augmentation; None: none. Returns {"image": (1, *window) float32,
+    augmentation; None: none. `contrast` (share, low, high, anchor): that share of the windows, of every kind, has its
+    log-contrast about the normalized peak `anchor` scaled by gamma, log-uniform in [low, high] (`scale_log_contrast`),
+    after the CMB is placed and before the flips; None: none. Returns {"image": (1, *window) float32,
     "target": (1, *window) float32, "label": () float32 (1 for a CMB-centred window)}.
     """
 
@@ -123,7 +125,8 @@ class PatchDataset(Dataset):
                  max_shift: int = 1, flip: bool = True, rotate: bool = True, negative_shift: int | None = None,
                  transplant_sites: tuple[str, ...] = ("dark", "mimic"), transplant_gamma: tuple[float, float] = (0.75, 1.25),
                  positive_weights: np.ndarray | None = None, synthetic: SyntheticCMBConfig | None = None,
-                 window: tuple[int, int, int] = WINDOW, zoom: tuple[float, float, float] | None = None) -> None:
+                 window: tuple[int, int, int] = WINDOW, zoom: tuple[float, float, float] | None = None,
+                 contrast: tuple[float, float, float, float] | None = None) -> None:
         if not volumes:
             raise ValueError("PatchDataset needs at least one training volume")
         self.volumes = volumes
@@ -134,6 +137,7 @@ class PatchDataset(Dataset):
         self.negative_shift = max_shift if negative_shift is None else negative_shift
         self.window = tuple(int(w) for w in window)
         self.zoom = None if zoom is None else tuple(float(z) for z in zoom)
+        self.contrast = None if contrast is None else tuple(float(c) for c in contrast)
         self.augmentations = {shift: window_augmentation(shift, self.window, flip, rotate) for shift in {self.max_shift, self.negative_shift}}
         unknown = set(mix) - set(self.KINDS)
         if unknown:
@@ -242,8 +246,11 @@ class PatchDataset(Dataset):
             paste_stamp(image, target, stamp, float(rng.uniform(*self.transplant_gamma)))
         elif kind == "synthetic":
             insert_cmb(image, target, draw_cmb(size, vol.spacing_mm, self.synthetic, rng), rng)
-        window = augment_window(self.augmentations[shift], {"image": image[None], "target": target[None]},
-                                seed=int(rng.integers(2**32, dtype=np.uint64)))
+        geometry_seed = int(rng.integers(2**32, dtype=np.uint64))
+        if self.contrast is not None and rng.random() < self.contrast[0]:  # drawn after the flips' seed: same geometry as without
+            share, low, high, anchor = self.contrast
+            image = scale_log_contrast(image, float(np.exp(rng.uniform(np.log(low), np.log(high)))), anchor)
+        window = augment_window(self.augmentations[shift], {"image": image[None], "target": target[None]}, seed=geometry_seed)
         return {
             "image": torch.from_numpy(window["image"].astype(np.float32)),
             "target": torch.from_numpy(window["target"].astype(np.float32)),

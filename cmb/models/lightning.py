@@ -114,9 +114,10 @@ class PatchDataModule(pl.LightningDataModule):
                  max_shift: int = 1, negative_shift: int | None = None, num_workers: int = 0,
                  transplant: dict[str, Any] | None = None, positive_weights: Callable[[], np.ndarray | None] | None = None,
                  synthetic: dict[str, Any] | None = None, window: tuple[int, int, int] = WINDOW,
-                 zoom: tuple[float, float, float] | None = None) -> None:
+                 zoom: tuple[float, float, float] | None = None, contrast: tuple[float, float, float, float] | None = None) -> None:
         super().__init__()
         self.zoom = zoom  # (share, low, high) of PatchDataset, None: off
+        self.contrast = contrast  # (share, low, high, anchor) of PatchDataset, None: off
         self.volumes, self.batch_size, self.steps_per_epoch, self.window = volumes, batch_size, steps_per_epoch, tuple(window)
         self.mix, self.seed, self.max_shift, self.negative_shift, self.num_workers = dict(mix), seed, max_shift, negative_shift, num_workers
         self.transplant = {f"transplant_{k}": tuple(v) for k, v in (transplant or {}).items()}  # sites, gamma (PatchDataset)
@@ -147,7 +148,7 @@ class PatchDataModule(pl.LightningDataModule):
         dataset = PatchDataset(self.volumes, n_samples, self.mix, seed=self.seed,
                                max_shift=self.max_shift, negative_shift=self.negative_shift, **self.transplant,
                                positive_weights=self._weights_for(epoch), synthetic=self.synthetic, window=self.window,
-                               zoom=self.zoom)
+                               zoom=self.zoom, contrast=self.contrast)
         dataset.set_epoch(epoch)
         first = self._first_batch(epoch)
         sampler = ResumeSampler(n_samples, first * self.batch_size) if first else None

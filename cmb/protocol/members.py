@@ -198,7 +198,7 @@ def fit(module: pl.LightningModule, volumes: list[TrainingVolume], batch_size: i
     data = PatchDataModule(volumes, batch_size, sampling.steps_per_epoch, sampling.mix, seed=seed, max_shift=sampling.max_shift,
                            negative_shift=sampling.negative_shift, num_workers=sampling.num_workers,
                            transplant=sampling.transplant, positive_weights=positive_weights, synthetic=sampling.synthetic,
-                           window=input_window(module.net), zoom=sampling.zoom)
+                           window=input_window(module.net), zoom=sampling.zoom, contrast=sampling.contrast)
     trainer = trainers.make(out, max_steps, run_name, seed, label, kind)
     last = last_checkpoint(out)
     if last.is_file():

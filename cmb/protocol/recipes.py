@@ -30,6 +30,7 @@ class Sampling:
     num_workers: int
     synthetic: dict[str, Any] | None = None  # cmb.data.synthetic_cmb.SyntheticCMBConfig's fields for "synthetic" windows
     zoom: tuple[float, float, float] | None = None  # (share, low, high): windows enlarged about their centre (PatchDataset)
+    contrast: tuple[float, float, float, float] | None = None  # (share, low, high, anchor): log-contrast scaled (PatchDataset)
 
 
 @dataclass(frozen=True)
@@ -66,13 +67,16 @@ class MemberRecipe:
     refine: RefineRound | None = None
 
 
-def _sampling(mix: Any, stage_cfg: DictConfig, num_workers: int) -> Sampling:
+def _sampling(mix: Any, stage_cfg: DictConfig, num_workers: int, anchor: float) -> Sampling:
+    """`anchor`: the normalized histogram peak (preprocess.target_peak) about which `<stage>.contrast` scales."""
     transplant = OmegaConf.to_container(stage_cfg.transplant, resolve=True) if stage_cfg.get("transplant") else None
     synthetic = OmegaConf.to_container(stage_cfg.synthetic, resolve=True) if stage_cfg.get("synthetic") else None
     zoom = (float(stage_cfg.zoom.share), *(float(f) for f in stage_cfg.zoom.factors)) if stage_cfg.get("zoom") else None
+    contrast = (float(stage_cfg.contrast.share), *(float(g) for g in stage_cfg.contrast.gamma), float(anchor)) \
+        if stage_cfg.get("contrast") else None
     return Sampling({str(k): float(v) for k, v in dict(mix).items()}, int(stage_cfg.steps_per_epoch), int(stage_cfg.max_shift),
                     None if stage_cfg.get("negative_shift") is None else int(stage_cfg.negative_shift), transplant, num_workers, synthetic,
-                    zoom)  # type: ignore[arg-type]
+                    zoom, contrast)  # type: ignore[arg-type]
 
 
 def member_recipe(cfg: DictConfig, stage: str) -> MemberRecipe:
@@ -80,6 +84,7 @@ def member_recipe(cfg: DictConfig, stage: str) -> MemberRecipe:
     scfg = cfg[stage]
     channels_last = bool(cfg.runtime.get("channels_last", False))
     num_workers = int(cfg.runtime.get("num_workers", 0))
+    anchor = float(cfg.preprocess.get("target_peak", 0.5))
 
     def make_module(net: nn.Module, steps: int, lr: float | None) -> pl.LightningModule:
         optimizer = instantiate(scfg.optimizer, **({"lr": float(lr)} if lr is not None else {}))
@@ -98,7 +103,7 @@ def member_recipe(cfg: DictConfig, stage: str) -> MemberRecipe:
         r = scfg.refine
         replay = (float(r.replay.below), float(r.replay.share)) if r.get("replay") else None
         refine = RefineRound(int(r.steps), float(r.threshold), None if r.get("max_scans") is None else int(r.max_scans),
-                             float(r.lr), _sampling(r.sampling, scfg, num_workers), replay)
-    return MemberRecipe(stage, int(scfg.max_steps), _sampling(scfg.sampling, scfg, num_workers), lambda: instantiate(scfg.net),
+                             float(r.lr), _sampling(r.sampling, scfg, num_workers, anchor), replay)
+    return MemberRecipe(stage, int(scfg.max_steps), _sampling(scfg.sampling, scfg, num_workers, anchor), lambda: instantiate(scfg.net),
                         make_module, net_kwargs, health, refine)
 
