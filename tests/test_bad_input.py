@@ -157,6 +157,25 @@ def test_one_cmb_marked_twice_is_refused_and_two_close_cmbs_are_not(tmp_path: Pa
     assert len(NiftiDataset(tmp_path).load("x").cmbs) == 3
 
 
+
+def test_the_marked_twice_check_needs_memory_linear_in_the_number_of_centres() -> None:
+    """20,000 centres on one scan (a point list written by a tool, not a reader) are checked without an N x N matrix,
+    which would need ~9.6 GB; the closest pair is still found and named."""
+    import tracemalloc
+
+    from cmb.data.readers import cmbs_from_points
+
+    points = np.stack(np.meshgrid(*[np.arange(0, 500, 18.0)] * 3, indexing="ij"), -1).reshape(-1, 3)[:20000]
+    points = np.vstack([points, points[123] + [0.0, 0.0, 0.5]])
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"are 0.50 mm apart: one CMB marked twice"):
+            cmbs_from_points(points, np.eye(4), np.eye(4), (512, 512, 512), Path("points.csv"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 200e6
+
 def test_a_spreadsheet_saved_annotations_file_is_read(tmp_path: Path) -> None:
     """A byte-order mark (UTF-8 CSV from a spreadsheet) and spaces after the commas are not errors."""
     image, _ = make_volume(0, [])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 from cmb.data.dicom import is_dicom_folder, read_dicom_series
 from cmb.data.io import (CONNECTIVITY_26, check_image_values, input_id, is_nifti_name, load_volume, mm_to_vox, nifti_stem, same_grid,
@@ -107,10 +108,11 @@ def cmbs_from_points(points_src_vox: np.ndarray, src_affine: np.ndarray, canon_a
         raise DataError(path, f"centroid {pts[bad][0].tolist()} lies outside the image of shape {tuple(shape)}")
     mm = vox_to_mm(pts, src_affine)
     if len(mm) > 1:
-        distance = np.linalg.norm(mm[:, None] - mm[None], axis=-1) + np.diag(np.full(len(mm), np.inf))
-        a, b = np.unravel_index(np.argmin(distance), distance.shape)
-        if distance[a, b] < MIN_CMB_DISTANCE_MM:
-            raise DataError(path, f"centroids {pts[min(a, b)].tolist()} and {pts[max(a, b)].tolist()} (voxels) are {distance[a, b]:.2f} mm "
+        nearest, which = cKDTree(mm).query(mm, k=2)  # each centre's nearest other one; O(N log N), not an N x N matrix
+        a = int(np.argmin(nearest[:, 1]))
+        b, gap = int(which[a, 1] if which[a, 1] != a else which[a, 0]), float(nearest[a, 1])  # two equal centres: either order
+        if gap < MIN_CMB_DISTANCE_MM:
+            raise DataError(path, f"centroids {pts[min(a, b)].tolist()} and {pts[max(a, b)].tolist()} (voxels) are {gap:.2f} mm "
                                   f"apart: one CMB marked twice? Microbleeds are 2-10 mm across, so two centres closer than "
                                   f"{MIN_CMB_DISTANCE_MM:g} mm are one CMB; keep one row")
     canon = mm_to_vox(mm, canon_affine)
