@@ -171,31 +171,26 @@ def synthetic_cmbs(cfg: DictConfig, stage_key: str) -> None:
 
 def window_zoom(cfg: DictConfig, key: str) -> None:
     """`<stage>.zoom`: null, or {share: in (0, 1], factors: [low, high] with 0.5 <= low <= high <= 2}."""
-    zoom = _get(cfg, key)
-    if zoom is None:
-        return
-    what = f"{key}={OmegaConf.to_container(zoom) if isinstance(zoom, DictConfig) else zoom!r} is not allowed: null or " \
-           "{share: s, factors: [low, high]} with s in (0, 1] and 0.5 <= low <= high <= 2"
-    if not isinstance(zoom, DictConfig) or set(zoom.keys()) != {"share", "factors"}:
-        raise ConfigError(what)
-    factors = zoom.get("factors")
-    if not _is_number(zoom.get("share")) or not 0 < float(zoom.share) <= 1 or not isinstance(factors, ListConfig) or len(factors) != 2 \
-            or not all(_is_number(f) for f in factors) or not 0.5 <= float(factors[0]) <= float(factors[1]) <= 2:
-        raise ConfigError(what)
+    _share_and_range(cfg, key, "factors", 0.5, 2)
 
 
 def window_contrast(cfg: DictConfig, key: str) -> None:
     """`<stage>.contrast`: null, or {share: in (0, 1], gamma: [low, high] with 0.1 <= low <= high <= 10}."""
-    contrast = _get(cfg, key)
-    if contrast is None:
+    _share_and_range(cfg, key, "gamma", 0.1, 10)
+
+
+def _share_and_range(cfg: DictConfig, key: str, range_key: str, lowest: float, highest: float) -> None:
+    """`key`: null, or {share: s in (0, 1], <range_key>: [low, high] with lowest <= low <= high <= highest}."""
+    value = _get(cfg, key)
+    if value is None:
         return
-    what = f"{key}={OmegaConf.to_container(contrast) if isinstance(contrast, DictConfig) else contrast!r} is not allowed: null " \
-           "or {share: s, gamma: [low, high]} with s in (0, 1] and 0.1 <= low <= high <= 10"
-    if not isinstance(contrast, DictConfig) or set(contrast.keys()) != {"share", "gamma"}:
+    what = f"{key}={OmegaConf.to_container(value) if isinstance(value, DictConfig) else value!r} is not allowed: null or " \
+           f"{{share: s, {range_key}: [low, high]}} with s in (0, 1] and {lowest:g} <= low <= high <= {highest:g}"
+    if not isinstance(value, DictConfig) or set(value.keys()) != {"share", range_key}:
         raise ConfigError(what)
-    gamma = contrast.get("gamma")
-    if not _is_number(contrast.get("share")) or not 0 < float(contrast.share) <= 1 or not isinstance(gamma, ListConfig) \
-            or len(gamma) != 2 or not all(_is_number(g) for g in gamma) or not 0.1 <= float(gamma[0]) <= float(gamma[1]) <= 10:
+    bounds = value.get(range_key)
+    if not _is_number(value.get("share")) or not 0 < float(value.share) <= 1 or not isinstance(bounds, ListConfig) \
+            or len(bounds) != 2 or not all(_is_number(b) for b in bounds) or not lowest <= float(bounds[0]) <= float(bounds[1]) <= highest:
         raise ConfigError(what)
 
 
