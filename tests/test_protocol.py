@@ -411,7 +411,7 @@ def test_a_finished_run_scores_another_family_as_infer_py_would(finished_run: Pa
             f"paths.runs_dir={runs}", "name=on_physics"]
     out = run_cli(args, tiny_synthetic_module)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "(the scored run's own threshold)" in out.stdout
+    assert "(the scored run's own threshold)" in out.stdout and "(another run's final models, scans they never saw)" in out.stdout
     scored = runs / "on_physics"
     results = json.loads((scored / "results.json").read_text())
     own = json.loads((finished_run / "results.json").read_text())["chosen_operating_point"]["threshold"]

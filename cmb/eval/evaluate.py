@@ -259,8 +259,9 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig | None = None) -> dict[str
 def summary_lines(results: dict) -> str:
     """The headline figures of `results` as a few console lines (train.py and python -m cmb.eval)."""
     s1, ch, nested = results["stage1"], results["chosen_operating_point"], results.get("nested_operating_point")
-    lines = [f"stage 1 @ {s1['threshold']:g}: sensitivity {s1['sensitivity']:.3f} at {s1['fp_per_scan']:.2f} FP/scan (out-of-fold)"]
     transfer = results.get("transfer_operating_point")
+    source = "another run's final models, scans they never saw" if transfer else "out-of-fold"
+    lines = [f"stage 1 @ {s1['threshold']:g}: sensitivity {s1['sensitivity']:.3f} at {s1['fp_per_scan']:.2f} FP/scan ({source})"]
     if transfer:
         lines.append(f"two-stage @ {transfer['threshold']:g} (the scored run's own threshold): sensitivity {transfer['sensitivity']:.3f} "
                      f"at {transfer['fp_per_scan']:.2f} FP/scan")

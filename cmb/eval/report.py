@@ -97,7 +97,8 @@ def plot_froc(stage1: FROCCurve, two_stage: FROCCurve, path: Path, results: dict
     ax.set_xlabel("false positives per scan (log)")
     ax.set_ylabel("sensitivity")
     d = results["dataset"]
-    ax.set_title(f"FROC, out-of-fold: {d['name']} ({d['n_scans']} scans, {d['n_cmbs']} CMBs)\n"
+    source = "another run's models" if results.get("transfer_operating_point") else "out-of-fold"
+    ax.set_title(f"FROC, {source}: {d['name']} ({d['n_scans']} scans, {d['n_cmbs']} CMBs)\n"
                  f"CPM (mean sensitivity at 1/8, 1/4, ..., 8 FP/scan, in-sample curve): two-stage {results['froc']['cpm']:.3f}, "
                  f"stage 1 {results['stage1']['cpm']:.3f}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
