@@ -278,9 +278,15 @@ def test_context_zoom_and_sampling_mixes_are_checked_at_the_door_and_enter_the_h
     hashes = [settings_hash(member_settings(c, "cnn", split, 20)) for c in (default, off, on)]
     assert hashes[0] == hashes[1] != hashes[2]
     assert settings_hash(member_settings(on, "unet", split, 20)) == settings_hash(member_settings(default, "unet", split, 20))
-    contrast = compose_train(["unet.contrast={share:0.5,gamma:[0.33,3]}"])
-    check_train(contrast)
-    assert settings_hash(member_settings(contrast, "unet", split, 20)) != settings_hash(member_settings(default, "unet", split, 20))
+    # contrast-scaled windows are on by default (the rule's setting); off (experiment=paper) leaves the hash of a member without them
+    no_contrast, other_range = compose_train(["unet.contrast=null"]), compose_train(["unet.contrast={share:0.5,gamma:[0.5,2]}"])
+    check_train(other_range)
+    unet_hashes = {settings_hash(member_settings(c, "unet", split, 20)) for c in (default, no_contrast, other_range)}
+    assert len(unet_hashes) == 3
+    paper = compose_train(["experiment=paper"])
+    assert paper.unet.contrast is None and paper.cnn.contrast is None and default.unet.contrast.share == 0.5
+    assert "contrast" not in member_settings(no_contrast, "unet", split, 20)["stage"]
+    assert member_settings(default, "unet", split, 20)["stage"]["contrast"] == {"share": 0.5, "gamma": [0.33, 3]}
 
 
 def test_stage1_hits_are_mined_where_the_unets_place_them_and_drawn_as_positives(tmp_path: Path) -> None:
