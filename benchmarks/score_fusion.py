@@ -80,19 +80,20 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the table as JSON")
     args = parser.parse_args()
     table = []
-    print("| run | fusion | CPM | nested sensitivity (TP/CMBs) at FP/scan | stage-2 keep rate, nested |")
+    print("| run | fusion | CPM | nested (transfer for a stage=score run) sensitivity (TP/CMBs) at FP/scan | stage-2 keep rate there |")
     print("|---|---|---|---|---|")
     for run in args.runs:
         for fusion in FUSIONS:
             with tempfile.TemporaryDirectory() as tmp:
                 cfg = fused_copy(run, Path(tmp) / run.name, fusion)
                 results = evaluate_run(Path(tmp) / run.name, cfg)
-            nested, keep = results["nested_operating_point"], results["stage2_keep_rate"]["nested"]
-            row = {"run": str(run), "fusion": fusion, "cpm": results["froc"]["cpm"], "nested_tp": nested["tp"],
-                   "n_cmbs": results["dataset"]["n_cmbs"], "nested_sensitivity": nested["sensitivity"],
-                   "nested_fp_per_scan": nested["fp_per_scan"], "keep_found": keep["found_by_stage1"], "keep_kept": keep["kept"]}
+            point = "nested" if "nested_operating_point" in results else "transfer"  # a stage=score run has one fold: no nested point
+            chosen, keep = results[f"{point}_operating_point"], results["stage2_keep_rate"][point]
+            row = {"run": str(run), "fusion": fusion, "cpm": results["froc"]["cpm"], "point": point, "nested_tp": chosen["tp"],
+                   "n_cmbs": results["dataset"]["n_cmbs"], "nested_sensitivity": chosen["sensitivity"],
+                   "nested_fp_per_scan": chosen["fp_per_scan"], "keep_found": keep["found_by_stage1"], "keep_kept": keep["kept"]}
             table.append(row)
-            print(f"| {run} | {fusion} | {row['cpm']:.3f} | {row['nested_sensitivity']:.3f} ({row['nested_tp']}/{row['n_cmbs']}) at "
+            print(f"| {run} | {fusion} | {row['cpm']:.3f} | {point}: {row['nested_sensitivity']:.3f} ({row['nested_tp']}/{row['n_cmbs']}) at "
                   f"{row['nested_fp_per_scan']:.2f} | {row['keep_kept']}/{row['keep_found']} |", flush=True)
     if args.out:
         args.out.write_text(json.dumps(table, indent=1))
