@@ -92,6 +92,21 @@ def test_a_phase_image_is_refused_and_a_few_negative_voxels_are_not(tmp_path: Pa
     assert NiftiDataset(_dataset_with(tmp_path / "b", image)).load("x").image.min() == -3.0
 
 
+def test_a_complex_or_rgb_image_is_refused_not_cast(tmp_path: Path) -> None:
+    image, labels = make_volume(0, [(20, 20, 12)])
+    complex_image = image * np.exp(1j * 2.0)  # real part ~ -0.4 |z|: the cast kept only it (with a NumPy warning)
+    with pytest.raises(DataError, match=r"x\.nii\.gz: image has complex voxel values \(complex\d+\): save the SWI or magnitude"):
+        NiftiDataset(_dataset_with(tmp_path / "a", complex_image.astype(np.complex64))).load("x")
+    rgb = np.zeros(image.shape, np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")]))
+    for channel in "RGB":
+        rgb[channel] = (image / 4).astype(np.uint8)
+    with pytest.raises(DataError, match=r"x\.nii\.gz: image has voxel values of type .*an RGB"):
+        NiftiDataset(_dataset_with(tmp_path / "b", rgb)).load("x")
+    root = _dataset_with(tmp_path / "c", image, labels.astype(np.complex64))
+    with pytest.raises(DataError, match=r"labels.x\.nii\.gz: label map has complex voxel values"):
+        NiftiDataset(root).load("x")
+
+
 def test_label_map_shape_or_affine_mismatch(tmp_path: Path) -> None:
     image, labels = make_volume(0, [(10, 10, 10)])
     with pytest.raises(DataError, match=r"labels/x\.nii\.gz: label map shape"):

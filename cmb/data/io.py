@@ -74,6 +74,7 @@ def load_volume(path: str | Path, *, what: str = "image", check_window: bool = T
                               f"{data.shape[3]} volumes (several echoes or time points?); save the one to use as a 3D file")
     if data.ndim != 3:
         raise DataError(path, f"{what} must be a 3D volume, got {data.ndim}D with shape {tuple(data.shape)}")
+    check_value_type(path, data.dtype, what)
     data = np.asarray(data, dtype=np.float32)
     if what == "image":
         check_image_values(path, data, check_window)
@@ -86,6 +87,17 @@ def check_voxel_count(path: Path, shape: tuple[int, ...], what: str = "image") -
     if voxels > MAX_VOXELS:
         raise DataError(path, f"{what} has {voxels:,} voxels (shape {tuple(int(n) for n in shape)}), more than cmb reads "
                               f"({MAX_VOXELS:,}, e.g. 1024x1024x256): crop it to the head or resample it to a coarser voxel size first")
+
+
+def check_value_type(path: Path, dtype: np.dtype, what: str = "image") -> None:
+    """Refuse voxel values that are not real numbers (`DataError` naming `path`): a complex image (real and imaginary
+    parts of a gradient echo; the cast to float would keep the real part alone, without a word) or an RGB one."""
+    if dtype.kind == "c":
+        raise DataError(path, f"{what} has complex voxel values ({dtype}): save the SWI or magnitude image (np.abs of the "
+                              "complex data) as a real-valued NIfTI")
+    if dtype.kind not in "biuf":  # structured (RGB, RGBA) or object data
+        raise DataError(path, f"{what} has voxel values of type {dtype} (an RGB or other multi-part value): save it as one "
+                              "grey value per voxel")
 
 
 def check_image_values(path: Path, data: np.ndarray, check_window: bool = True) -> None:
