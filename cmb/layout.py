@@ -32,7 +32,8 @@ PAPER_MINING = "paper_mining"
 MIMICS = "mimics"
 STAGE1_HITS = "stage1_hits"
 TRUTH = "truth"
-FOLDER_MEMBERS = {UNET_CANDIDATES: ("unet",), PAPER_MINING: ("unet",), CNN_SCORES: ("unet", "cnn")}
+FOLDER_MEMBERS = {UNET_CANDIDATES: ("unet",), PAPER_MINING: ("unet",), CNN_SCORES: ("unet", "cnn"), MIMICS: ("unet",),
+                  STAGE1_HITS: ("unet",)}
 
 
 def member_name(stage: str, batch_size: int) -> str:

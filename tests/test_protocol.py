@@ -751,6 +751,49 @@ def test_out_of_fold_files_of_a_retrained_member_are_recomputed(tmp_path: Path, 
     assert json.loads((oof / "settings.json").read_text())["members"]["cnn_bs20"] != ""
 
 
+def test_mimics_mined_under_other_mining_settings_are_mined_again_and_the_same_ones_are_kept(tmp_path: Path, tiny_synthetic: Path,
+                                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run resumed with another mining threshold (or retrained U-Nets) mines its mimics again instead of training
+    the CNNs on mimics of the old threshold; the same settings and members keep the mined files."""
+    from cmb.protocol import mining
+    from cmb.protocol.run import Protocol
+
+    calls: list[tuple[float, list[str]]] = []
+
+    def fake_mine(todo, load, unet_map, threshold, radius, out, hits_out):  # noqa: ANN001, ANN202 - records what is mined
+        calls.append((threshold, list(todo)))
+        out.mkdir(parents=True, exist_ok=True)
+        hits_out.mkdir(parents=True, exist_ok=True)
+        for scan_id in todo:
+            (out / f"{scan_id}.csv").write_text(f"mined at {threshold}\n")
+            (hits_out / f"{scan_id}.csv").write_text("")
+
+    monkeypatch.setattr(mining, "mine_leak_free", fake_mine)
+    args = [*SMOKE, f"paths.cache_dir={tiny_synthetic}", f"paths.runs_dir={tmp_path}", "name=remine"]
+
+    def protocol(extra: list[str]) -> Protocol:
+        exp = Protocol(_compose([*args, *extra]))
+        monkeypatch.setattr(exp, "members", lambda stage, fold: [])
+        monkeypatch.setattr(exp, "unet_map", lambda nets: None)
+        return exp
+
+    exp = protocol([])
+    unet = exp.layout.member_dir("unet", 0, 20)
+    unet.mkdir(parents=True)
+    (unet / "model.pt").write_bytes(b"first weights")
+    scans = exp.mined_scans(0)
+    exp.mine(0)
+    exp.mine(0)  # same settings, same members: nothing mined again
+    assert calls == [(0.15, scans)]
+    out = protocol(["mining.threshold=0.2"]).mine(0)
+    assert calls[-1] == (0.2, scans)
+    assert all((out / f"{s}.csv").read_text() == "mined at 0.2\n" for s in scans)
+    assert json.loads((out / "settings.json").read_text())["mining"]["threshold"] == 0.2
+    (unet / "model.pt").write_bytes(b"retrained weights")  # the U-Net deleted and trained again
+    protocol(["mining.threshold=0.2"]).mine(0)
+    assert len(calls) == 3 and calls[-1] == (0.2, scans)
+
+
 def test_the_cache_is_per_user_wherever_cmb_runs_and_does_not_enter_the_settings_hash(tmp_path: Path, tiny_synthetic: Path,
                                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from cmb import user_cache_dir

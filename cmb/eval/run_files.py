@@ -20,16 +20,22 @@ import numpy as np
 
 from cmb.errors import DataError
 from cmb.eval.matching import assign
-from cmb.layout import CNN_SCORES, FOLDER_MEMBERS, PAPER_MINING, SETTINGS_FILE, TRUTH, UNET_CANDIDATES, RunLayout
+from cmb.layout import CNN_SCORES, FOLDER_MEMBERS, MIMICS, PAPER_MINING, SETTINGS_FILE, STAGE1_HITS, TRUTH, UNET_CANDIDATES, RunLayout
 
 POSITION_COLUMNS = ("i", "j", "k")
 CANDIDATE_DEFINITION = "26-connected components of the combined stage-1 map >= unet_threshold, score-weighted centroid, peak"
 
 
 def candidate_settings(cfg: Any, folder: str) -> dict[str, Any]:
-    """Settings that a run's out-of-fold files in `folder` (unet_candidates, cnn_scores, paper_mining) depend on, besides its members
-    (`folder_settings` adds those)."""
+    """Settings that a run's out-of-fold files in `folder` (unet_candidates, cnn_scores, paper_mining, mimics, stage1_hits) depend
+    on, besides its members (`folder_settings` adds those)."""
     inf = cfg.inference
+    if folder in (MIMICS, STAGE1_HITS):  # mined on training scans at the mining threshold, not at unet_threshold
+        max_scans = cfg.mining.get("max_scans")
+        return {"mining": {"mode": str(cfg.mining.mode), "threshold": float(cfg.mining.threshold),
+                           "max_scans": None if max_scans is None else int(max_scans)},
+                "ensemble_normalize": str(inf.ensemble_normalize), "unet_mode": str(inf.unet.mode),
+                "match_radius_mm": float(cfg.eval.match_radius_mm), "candidates": CANDIDATE_DEFINITION.replace("unet_threshold", "mining.threshold")}
     settings: dict[str, Any] = {"unet_threshold": float(inf.unet_threshold), "ensemble_normalize": str(inf.ensemble_normalize),
                                 "unet_mode": str(inf.unet.mode), "match_radius_mm": float(cfg.eval.match_radius_mm),
                                 "candidates": CANDIDATE_DEFINITION}

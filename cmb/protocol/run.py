@@ -206,7 +206,8 @@ class Protocol:
         """Save U-Net false positives (combined map >= mining threshold) for the fold's training scans, and the
         components that hit a CMB (`stage1_hits/`; needed when the CNNs draw "hit" windows)."""
         self.prepare()
-        out, hits_out = self.layout.fold_folder(fold, MIMICS), self.layout.fold_folder(fold, STAGE1_HITS)
+        # stamped like the out-of-fold folders: mimics of other mining settings or of retrained U-Nets are mined again
+        out, hits_out = self.fresh_output_folder(fold, MIMICS), self.fresh_output_folder(fold, STAGE1_HITS)
         todo = [s for s in self.mined_scans(fold) if not (out / f"{s}.csv").is_file()
                 or (self.draws_stage1_hits and not (hits_out / f"{s}.csv").is_file())]
         mode = str(self.cfg.mining.mode)
@@ -221,7 +222,8 @@ class Protocol:
             raise ConfigError(f"mining.mode must be one of {MINING_MODES}, got {mode!r}")
         return out
 
-    def fresh_output_folder(self, fold: int, folder: str) -> Path:
+    def fresh_output_folder(self, fold: int | str, folder: str) -> Path:
+        """`fold_<k>/<folder>`, emptied when its files came from other settings or members, and stamped."""
         self.prepare()
         return detection.fresh_output_folder(self.layout.fold_folder(fold, folder),
                                              folder_settings(self.cfg, self.layout.fold_dir(fold), folder))
