@@ -307,6 +307,19 @@ def test_infer_inputs_skip_cmbs_own_outputs(tmp_path: Path) -> None:
     assert [p.name for p in list_inputs(tmp_path)] == ["scan.nii.gz"]
 
 
+def test_infer_inputs_skip_hidden_files_as_training_does(tmp_path: Path) -> None:
+    """A folder copied from a Mac holds `._scan.nii.gz` AppleDouble files (metadata, not images): training's
+    reader skips hidden files, so infer.py does too, instead of failing on them as unreadable scans."""
+    from cmb.data.readers import _nifti_files
+    from cmb.inference.predictor import list_inputs
+
+    image, _ = make_volume(0, [])
+    save(image, tmp_path / "scan.nii.gz")
+    (tmp_path / "._scan.nii.gz").write_bytes(b"\x00\x05\x16\x07 AppleDouble metadata")
+    assert [p.name for p in list_inputs(tmp_path)] == ["scan.nii.gz"] == [p.name for p in _nifti_files(tmp_path).values()]
+    assert list_inputs(tmp_path / "._scan.nii.gz") == [tmp_path / "._scan.nii.gz"]  # named on its own: read (and refused there)
+
+
 def test_summary_lists_every_bad_scan_and_keeps_the_good_ones(nifti_root: Path) -> None:
     from cmb.data.summary import summarize
 

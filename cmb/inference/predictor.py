@@ -252,7 +252,8 @@ def list_inputs(path: str | Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise DataError(path, "input does not exist")
-    files = sorted(p for p in path.iterdir() if p.is_file() and is_nifti_name(p))
+    # hidden files (macOS `._x.nii.gz` AppleDouble metadata) are skipped, as the training reader skips them
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and is_nifti_name(p))
     if not files and is_dicom_folder(path):  # the series itself
         return [path]
     ours = [p for p in files if p.name.endswith(OUTPUT_SUFFIXES)]
