@@ -87,7 +87,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 cfg = fused_copy(run, Path(tmp) / run.name, fusion)
                 results = evaluate_run(Path(tmp) / run.name, cfg)
-            point = "nested" if "nested_operating_point" in results else "transfer"  # a stage=score run has one fold: no nested point
+            point = "transfer" if results.get("transfer_operating_point") else "nested"  # a stage=score run: one fold, nested None
             chosen, keep = results[f"{point}_operating_point"], results["stage2_keep_rate"][point]
             row = {"run": str(run), "fusion": fusion, "cpm": results["froc"]["cpm"], "point": point, "nested_tp": chosen["tp"],
                    "n_cmbs": results["dataset"]["n_cmbs"], "nested_sensitivity": chosen["sensitivity"],

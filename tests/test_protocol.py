@@ -422,6 +422,12 @@ def test_a_finished_run_scores_another_family_as_infer_py_would(finished_run: Pa
     assert len(ids) == 4 and all((scored / "fold_0" / "cnn_scores" / f"{i}.csv").is_file() for i in ids)
     again = run_cli(["cmb.eval", str(scored)], tiny_synthetic_module, script="-m")  # python -m cmb.eval re-evaluates it alike
     assert again.returncode == 0 and json.loads((scored / "results.json").read_text())["froc"] == results["froc"]
+    fusion = subprocess.run([sys.executable, str(REPO / "benchmarks" / "score_fusion.py"), str(scored), "--out", str(tmp_path / "f.json")],
+                            capture_output=True, text=True, timeout=120)
+    assert fusion.returncode == 0, fusion.stderr[-2000:]
+    rows = {r["fusion"]: r for r in json.loads((tmp_path / "f.json").read_text())}  # re-scored at the transfer point
+    assert rows["cnn"]["point"] == "transfer" and rows["cnn"]["cpm"] == results["froc"]["cpm"]
+    assert rows["cnn"]["nested_tp"] == results["transfer_operating_point"]["tp"]
     image = next((tiny_synthetic_module / "synthetic").glob("physics_tiny-seed0-*")) / "images" / f"{ids[0]}.nii.gz"
     infer = run_cli([f"model_dir={finished_run}", f"input={image}", f"output={tmp_path / 'det'}", "threshold=0.0", "progress=false"],
                     tiny_synthetic_module, script="infer.py")
