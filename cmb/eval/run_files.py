@@ -30,15 +30,14 @@ def candidate_settings(cfg: Any, folder: str) -> dict[str, Any]:
     """Settings that a run's out-of-fold files in `folder` (unet_candidates, cnn_scores, paper_mining, mimics, stage1_hits) depend
     on, besides its members (`folder_settings` adds those)."""
     inf = cfg.inference
+    stage1_map = {"ensemble_normalize": str(inf.ensemble_normalize), "unet_mode": str(inf.unet.mode),
+                  "match_radius_mm": float(cfg.eval.match_radius_mm)}
     if folder in (MIMICS, STAGE1_HITS):  # mined on training scans at the mining threshold, not at unet_threshold
         max_scans = cfg.mining.get("max_scans")
         return {"mining": {"mode": str(cfg.mining.mode), "threshold": float(cfg.mining.threshold),
                            "max_scans": None if max_scans is None else int(max_scans)},
-                "ensemble_normalize": str(inf.ensemble_normalize), "unet_mode": str(inf.unet.mode),
-                "match_radius_mm": float(cfg.eval.match_radius_mm), "candidates": CANDIDATE_DEFINITION.replace("unet_threshold", "mining.threshold")}
-    settings: dict[str, Any] = {"unet_threshold": float(inf.unet_threshold), "ensemble_normalize": str(inf.ensemble_normalize),
-                                "unet_mode": str(inf.unet.mode), "match_radius_mm": float(cfg.eval.match_radius_mm),
-                                "candidates": CANDIDATE_DEFINITION}
+                **stage1_map, "candidates": CANDIDATE_DEFINITION.replace("unet_threshold", "mining.threshold")}
+    settings: dict[str, Any] = {"unet_threshold": float(inf.unet_threshold), **stage1_map, "candidates": CANDIDATE_DEFINITION}
     if folder == CNN_SCORES:
         settings["cnn_tta"] = bool(inf.cnn_tta)
         settings["score_fusion"] = str(inf.get("score_fusion", "cnn"))

@@ -252,15 +252,16 @@ def list_inputs(path: str | Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise DataError(path, "input does not exist")
-    # hidden files (macOS `._x.nii.gz` AppleDouble metadata) are skipped, as the training reader skips them
-    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and is_nifti_name(p))
+    # hidden entries (macOS `._x.nii.gz` AppleDouble metadata) are skipped, as the training reader skips them
+    entries = [p for p in path.iterdir() if not p.name.startswith(".")]
+    files = sorted(p for p in entries if p.is_file() and is_nifti_name(p))
     if not files and is_dicom_folder(path):  # the series itself
         return [path]
     ours = [p for p in files if p.name.endswith(OUTPUT_SUFFIXES)]
     if ours:  # an output folder inside the input folder: never read our own maps back as scans
         log.warning("%s: skipping %d file(s) that cmb wrote itself (e.g. %s)", path, len(ours), ours[0].name)
         files = [p for p in files if p not in ours]
-    series = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".") and is_dicom_folder(p)]
+    series = [p for p in entries if p.is_dir() and is_dicom_folder(p)]
     inputs = sorted(files + series, key=lambda p: (input_id(p), p.name))
     ids = [input_id(p) for p in inputs]
     twice = sorted({i for i in ids if ids.count(i) > 1})
