@@ -583,6 +583,42 @@ def test_paper_mining_takes_the_heldout_components_at_the_mining_threshold_that_
         assert [m.i for m in mimics] == [5.0, 7.0]  # the component hitting CMB 0 is not a mimic
 
 
+def test_paper_mode_mimics_are_stamped_with_the_unets_that_made_them_and_mined_again_when_those_are_retrained(
+        tmp_path: Path, tiny_synthetic: Path) -> None:
+    """mining.mode=paper takes a fold's mimics from the folds that held its training scans out, so the mimics'
+    stamp names those folds' U-Nets: retraining one of them mines the mimics again, retraining the fold's own does not."""
+    from cmb.inference.candidates import Candidate, write_candidates
+    from cmb.protocol.run import Protocol
+
+    exp = Protocol(_compose([*SMOKE, f"paths.cache_dir={tiny_synthetic}", f"paths.runs_dir={tmp_path}", "name=paper_stamp",
+                             "mining.mode=paper"]))
+    exp.prepare()
+    sources = sorted({exp.heldout_fold_of(s) for s in exp.mined_scans(0)})
+    for fold in [0, *sources]:
+        member = exp.layout.member_dir("unet", fold, 20)
+        member.mkdir(parents=True)
+        (member / "model.pt").write_bytes(f"fold {fold} weights".encode())
+
+    def write_paper_mining(i: float) -> None:
+        for scan_id in exp.mined_scans(0):
+            cands = [Candidate(scan_id, i, 6.0, 7.0, 0.0, 0.0, 0.0, 0.3, 0.1, 4)]
+            write_candidates(cands, exp.layout.fold_dir(exp.heldout_fold_of(scan_id)) / "paper_mining" / f"{scan_id}.csv", {"hits": [""]})
+
+    def mined_i() -> set[str]:
+        out = exp.mine(0)
+        return {(out / f"{s}.csv").read_text().splitlines()[1].split(",")[1] for s in exp.mined_scans(0)}
+
+    write_paper_mining(5.0)
+    stamp = json.loads((exp.mine(0) / "settings.json").read_text())
+    assert sorted(stamp["members"]) == [f"fold_{j}/unet_bs20" for j in sources]
+    first = mined_i()
+    write_paper_mining(9.0)  # the source folds' components change ...
+    (exp.layout.member_dir("unet", 0, 20) / "model.pt").write_bytes(b"fold 0 retrained")
+    assert mined_i() == first  # ... but only the fold's own U-Net was retrained: its mimics do not come from it
+    (exp.layout.member_dir("unet", sources[0], 20) / "model.pt").write_bytes(b"source retrained")
+    assert mined_i() != first  # a source fold's U-Net retrained: mined again from its new components
+
+
 def test_members_from_other_settings_are_refused_before_anything_is_written(tmp_path: Path, tiny_synthetic: Path) -> None:
     from cmb.errors import ConfigError
     from cmb.protocol.run import Protocol

@@ -24,7 +24,7 @@ from cmb.data.io import require_writable
 from cmb.data.readers import ScanDataset
 from cmb.data.splits import make_or_load_splits, select_fold
 from cmb.errors import CMBError, ConfigError
-from cmb.eval.run_files import folder_settings
+from cmb.eval.run_files import folder_settings, member_digests
 from cmb.inference.unet_map import UNetMapConfig, ensemble_probability
 from cmb.layout import CNN_SCORES, FINAL, MIMICS, PAPER_MINING, STAGE1_HITS, STAGES, TRUTH, UNET_CANDIDATES, RunLayout, member_name
 from cmb.mixes import stage_draws
@@ -225,8 +225,17 @@ class Protocol:
     def fresh_output_folder(self, fold: int | str, folder: str) -> Path:
         """`fold_<k>/<folder>`, emptied when its files came from other settings or members, and stamped."""
         self.prepare()
-        return detection.fresh_output_folder(self.layout.fold_folder(fold, folder),
-                                             folder_settings(self.cfg, self.layout.fold_dir(fold), folder))
+        settings = folder_settings(self.cfg, self.layout.fold_dir(fold), folder)
+        if folder in (MIMICS, STAGE1_HITS) and str(self.cfg.mining.mode) == "paper":
+            settings["members"] = self.paper_mining_members(fold)
+        return detection.fresh_output_folder(self.layout.fold_folder(fold, folder), settings)
+
+    def paper_mining_members(self, fold: int | str) -> dict[str, str]:
+        """{fold_<j>/<member>: digest} of the U-Nets whose held-out components the fold's mimics are taken from
+        (mining.mode=paper: each mined scan's from the fold that held it out), not the fold's own U-Nets."""
+        sources = sorted({self.heldout_fold_of(s) for s in self.mined_scans(fold)})
+        return {f"fold_{j}/{member}": digest for j in sources
+                for member, digest in member_digests(self.layout.fold_dir(j), PAPER_MINING).items()}
 
     def unet_candidates(self, fold: int) -> None:
         """The held-out scans' U-Net candidates, exactly as infer.py extracts them (and, mining.mode=paper,
