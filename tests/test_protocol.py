@@ -587,7 +587,7 @@ def test_paper_mode_mimics_are_stamped_with_the_unets_that_made_them_and_mined_a
         tmp_path: Path, tiny_synthetic: Path) -> None:
     """mining.mode=paper takes a fold's mimics from the folds that held its training scans out, so the mimics'
     stamp names those folds' U-Nets: retraining one of them mines the mimics again, retraining the fold's own does not."""
-    from cmb.inference.candidates import Candidate, write_candidates
+    from cmb.inference.candidates import Candidate, read_candidates, write_candidates
     from cmb.protocol.run import Protocol
 
     exp = Protocol(_compose([*SMOKE, f"paths.cache_dir={tiny_synthetic}", f"paths.runs_dir={tmp_path}", "name=paper_stamp",
@@ -604,9 +604,9 @@ def test_paper_mode_mimics_are_stamped_with_the_unets_that_made_them_and_mined_a
             cands = [Candidate(scan_id, i, 6.0, 7.0, 0.0, 0.0, 0.0, 0.3, 0.1, 4)]
             write_candidates(cands, exp.layout.fold_dir(exp.heldout_fold_of(scan_id)) / "paper_mining" / f"{scan_id}.csv", {"hits": [""]})
 
-    def mined_i() -> set[str]:
+    def mined_i() -> set[float]:
         out = exp.mine(0)
-        return {(out / f"{s}.csv").read_text().splitlines()[1].split(",")[1] for s in exp.mined_scans(0)}
+        return {m.i for s in exp.mined_scans(0) for m in read_candidates(out / f"{s}.csv")[0]}
 
     write_paper_mining(5.0)
     stamp = json.loads((exp.mine(0) / "settings.json").read_text())

@@ -58,9 +58,10 @@ def member_digests(fold_dir: Path, folder: str) -> dict[str, str]:
     return digests
 
 
-def folder_settings(cfg: Any, fold_dir: Path, folder: str) -> dict[str, Any]:
-    """Everything a fold's out-of-fold files in `folder` depend on: the candidate settings and the members' files."""
-    return {**candidate_settings(cfg, folder), "members": member_digests(fold_dir, folder)}
+def folder_settings(cfg: Any, fold_dir: Path, folder: str, members: dict[str, str] | None = None) -> dict[str, Any]:
+    """Everything a fold's out-of-fold files in `folder` depend on: the candidate settings and the members' files
+    (`members`, where the files come from other members than the fold's own; else `member_digests(fold_dir, folder)`)."""
+    return {**candidate_settings(cfg, folder), "members": member_digests(fold_dir, folder) if members is None else members}
 
 
 @dataclass

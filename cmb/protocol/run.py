@@ -225,9 +225,8 @@ class Protocol:
     def fresh_output_folder(self, fold: int | str, folder: str) -> Path:
         """`fold_<k>/<folder>`, emptied when its files came from other settings or members, and stamped."""
         self.prepare()
-        settings = folder_settings(self.cfg, self.layout.fold_dir(fold), folder)
-        if folder in (MIMICS, STAGE1_HITS) and str(self.cfg.mining.mode) == "paper":
-            settings["members"] = self.paper_mining_members(fold)
+        paper_mined = folder in (MIMICS, STAGE1_HITS) and str(self.cfg.mining.mode) == "paper"
+        settings = folder_settings(self.cfg, self.layout.fold_dir(fold), folder, self.paper_mining_members(fold) if paper_mined else None)
         return detection.fresh_output_folder(self.layout.fold_folder(fold, folder), settings)
 
     def paper_mining_members(self, fold: int | str) -> dict[str, str]:
