@@ -122,3 +122,27 @@ def test_median_spacing_is_resolved_once_and_written_into_the_run(tmp_path: Path
     assert list(cfg.preprocess.spacing) == [0.45, 0.45, 0.9]
     protocol.prepare()
     assert list(OmegaConf.load(protocol.layout.config).preprocess.spacing) == [0.45, 0.45, 0.9]
+
+
+@pytest.mark.slow
+def test_median_spacing_on_scans_of_one_voxel_size_leaves_the_out_of_fold_files_as_they_are(tmp_path: Path, tiny_synthetic: Path) -> None:
+    """The working-voxel-size rule's first check (docs/experiments.md), at test scale: on a dataset of one voxel size
+    `preprocess.spacing=median` is the identity, so fold 0 trained with it writes the same candidates and scores."""
+    from hydra import compose, initialize_config_dir
+
+    from cmb.protocol.run import Protocol
+
+    files = {}
+    for name, extra in (("own_grids", []), ("median", ["preprocess.spacing=median"])):
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=["debug=smoke", "data.preset=tiny", "inference.unet.tile=[32,32,32]",
+                                                          f"paths.cache_dir={tiny_synthetic}", f"paths.runs_dir={tmp_path}", f"name={name}",
+                                                          "unet.refine.steps=0", "unet.health=null", *extra])
+        protocol = Protocol(cfg)
+        protocol.run_fold(0)
+        heldout = protocol.fold_split(0)["test"]
+        files[name] = {(kind, s): protocol.layout.scan_file(0, kind, s).read_text() for kind in ("unet_candidates", "cnn_scores")
+                       for s in heldout}
+    assert files["own_grids"].keys() == files["median"].keys() and len(files["median"]) >= 2
+    assert any(text.count("\n") > 1 for text in files["median"].values())  # at least one file lists candidates
+    assert files["own_grids"] == files["median"]
