@@ -127,6 +127,31 @@ def test_configured_unet_sees_only_the_window_in_plane_at_its_centre(experiment:
     assert conv_field[2] <= WINDOW[2] + 2  # along k the centre sees at most one padded slice per side
 
 
+def test_a_leaky_unet_can_score_above_its_head_bias_where_a_relu_unet_is_capped(tmp_path: Path) -> None:
+    """With every head weight negative a ReLU net tops out at sigmoid(bias) on any input; the leaky net does not."""
+    torch.manual_seed(0)
+    relu_net, leaky_net = UNet3D(channels=(4, 8)).eval(), UNet3D(channels=(4, 8), leaky_slope=0.1).eval()
+    assert sum(isinstance(m, torch.nn.ReLU) for m in relu_net.modules()) == 6
+    assert sum(isinstance(m, torch.nn.LeakyReLU) for m in leaky_net.modules()) == 6
+    leaky_net.load_state_dict(relu_net.state_dict())  # same weights: only the activations differ
+    for net in (relu_net, leaky_net):
+        with torch.no_grad():
+            net.head.weight.copy_(-net.head.weight.abs() - 0.1)
+            net.head.bias.fill_(-0.3)
+    windows = torch.rand(8, 1, *WINDOW) * 1.3
+    with torch.no_grad():
+        relu_max = float(relu_net(windows).max())
+        leaky_max = float(leaky_net(windows).max())
+    assert relu_max <= -0.3 + 1e-6
+    assert leaky_max > -0.3 + 1e-3
+    save_model(leaky_net, {"channels": [4, 8], "leaky_slope": 0.1}, tmp_path / "m.pt", stage="unet")
+    loaded, _ = load_model(tmp_path / "m.pt", stage="unet")
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(windows), leaky_net(windows))
+    with pytest.raises(ValueError, match="leaky_slope"):
+        UNet3D(channels=(4, 8), leaky_slope=-0.1)
+
+
 def test_dou_cnn_shapes() -> None:
     net = DouCNN().eval()
     assert net(torch.randn(3, 1, *WINDOW)).shape == (3, 2)

@@ -6,15 +6,22 @@ import torch
 from torch import nn
 
 
-def conv_block(in_ch: int, out_ch: int) -> nn.Sequential:
-    """Two 3x3x3 convolutions, each followed by batch norm and ReLU (same padding)."""
+def activation(leaky_slope: float = 0.0) -> nn.Module:
+    """ReLU at `leaky_slope` 0 (the paper's), else LeakyReLU with that slope for negative inputs."""
+    if leaky_slope < 0 or leaky_slope >= 1:
+        raise ValueError(f"leaky_slope must lie in [0, 1), got {leaky_slope}")
+    return nn.LeakyReLU(leaky_slope, inplace=True) if leaky_slope else nn.ReLU(inplace=True)
+
+
+def conv_block(in_ch: int, out_ch: int, leaky_slope: float = 0.0) -> nn.Sequential:
+    """Two 3x3x3 convolutions, each followed by batch norm and ReLU (LeakyReLU at `leaky_slope` > 0; same padding)."""
     return nn.Sequential(
         nn.Conv3d(in_ch, out_ch, 3, padding=1, bias=False),
         nn.BatchNorm3d(out_ch),
-        nn.ReLU(inplace=True),
+        activation(leaky_slope),
         nn.Conv3d(out_ch, out_ch, 3, padding=1, bias=False),
         nn.BatchNorm3d(out_ch),
-        nn.ReLU(inplace=True),
+        activation(leaky_slope),
     )
 
 
@@ -128,7 +135,10 @@ class UNet3D(nn.Module):
     saw in training (conf/unet/default.yaml uses one pooling: 18 voxels of convolutions).
     `local_contrast` (a box side per axis, voxels) adds the input over its local mean as a
     channel (`LocalContrast`); `blob_contrast` likewise the input over its closing
-    (`DarkBlobContrast`).
+    (`DarkBlobContrast`). `leaky_slope` > 0 replaces every ReLU by a LeakyReLU: with ReLUs the
+    1x1x1 head sees only non-negative features, so a net whose head weights all turn negative
+    (it marks what is *not* a CMB) can never score above sigmoid(head bias) ("capped",
+    cmb/models/health.py), and no gradient reaches the features that are zero on CMBs.
     We write our own because MONAI's BasicUNet fixes four poolings (too deep for a
     16-slice window) and its UNet uses strided residual units rather than the paper's
     plain conv-BN blocks.
@@ -136,7 +146,7 @@ class UNet3D(nn.Module):
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, channels: tuple[int, ...] | list[int] = (16, 32, 64),
                  local_contrast: tuple[int, int, int] | list[int] | None = None,
-                 blob_contrast: tuple[int, int, int] | list[int] | None = None) -> None:
+                 blob_contrast: tuple[int, int, int] | list[int] | None = None, leaky_slope: float = 0.0) -> None:
         super().__init__()
         self.local_contrast = LocalContrast(local_contrast) if local_contrast else None
         self.blob_contrast = DarkBlobContrast(blob_contrast) if blob_contrast else None
@@ -148,14 +158,14 @@ class UNet3D(nn.Module):
         self.encoders = nn.ModuleList()
         prev = in_channels * (1 + (self.local_contrast is not None) + (self.blob_contrast is not None))
         for ch in channels:
-            self.encoders.append(conv_block(prev, ch))
+            self.encoders.append(conv_block(prev, ch, leaky_slope))
             prev = ch
         self.pool = nn.MaxPool3d(2)
         self.ups = nn.ModuleList()
         self.decoders = nn.ModuleList()
         for ch in reversed(channels[:-1]):
             self.ups.append(nn.ConvTranspose3d(prev, ch, kernel_size=2, stride=2))
-            self.decoders.append(conv_block(2 * ch, ch))
+            self.decoders.append(conv_block(2 * ch, ch, leaky_slope))
             prev = ch
         self.head = nn.Conv3d(prev, out_channels, kernel_size=1)
 
