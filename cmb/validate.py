@@ -96,6 +96,9 @@ def check_train(cfg: DictConfig) -> None:
         if _get(cfg, "batch_size") not in sizes:
             raise ConfigError(f"batch_size={_get(cfg, 'batch_size')!r} is not a member of the {stage} ensemble ({stage}.batch_sizes={sizes}); "
                               f"train one of those, or change {stage}.batch_sizes for the whole run")
+    if _get(cfg, "unet.centroid_target") not in (None, True, False):
+        raise ConfigError(f"unet.centroid_target={_get(cfg, 'unet.centroid_target')!r} is not allowed: true or false")
+    positive_number(cfg, "data_options.point_target_radius_mm")
     probability(cfg, "inference.unet_threshold", open_low=True)
     probability(cfg, "mining.threshold", open_low=True)
     one_of(cfg, "inference.unet.mode", UNET_MODES)

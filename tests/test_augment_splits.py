@@ -5,11 +5,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from cmb import WINDOW
 from cmb.data.augment import augment_window, crop_centred, region_size, scale_log_contrast, window_augmentation, zoomed_region
 from cmb.data.patches import PatchDataset, TrainingVolume, build_training_volume
 from cmb.data.preprocess import Preprocessed
+from cmb.data.readers import cmbs_from_instances
 from cmb.data.scan import Scan
 from cmb.data.splits import lotcv_folds, make_or_load_splits, select_fold
 from cmb.errors import ConfigError, DataError
@@ -203,3 +205,25 @@ def test_vessel_negatives_are_dark_lines_in_bright_tissue_not_dark_nuclei() -> N
     for i in range(0, 200, 10):
         centre = ds[i]["image"][0].numpy()[c[0] - 1 : c[0] + 2, c[1] - 1 : c[1] + 2, c[2] - 1 : c[2] + 2]
         assert centre.min() < 0.3  # a vessel voxel at the window centre (+-1 voxel)
+
+
+def test_centroid_targets_give_every_labelled_cmb_the_same_ball_and_keep_negatives_off_the_labels() -> None:
+    shape = (40, 40, 20)
+    image = np.full(shape, 0.5, np.float32)
+    instances = np.zeros(shape, np.int32)
+    instances[8:17, 8:17, 6:13] = 1  # a large CMB: 567 voxels, centroid (12, 12, 9)
+    instances[30, 30, 10] = 2  # a 1-voxel CMB
+    image[instances > 0] = 0.05
+    mask = np.ones(shape, bool)
+    scan = Scan("s", image, np.eye(4), Path("s.nii.gz"), cmbs=cmbs_from_instances(instances, np.eye(4)), instances=instances)
+    pre = Preprocessed("s", image, mask, {})
+    labels = build_training_volume(scan, pre, vessel_contrast=None)
+    np.testing.assert_array_equal(labels.target, (instances > 0).astype(np.uint8))  # off: the label map, as before
+    balls = build_training_volume(scan, pre, vessel_contrast=None, centroid_target=True, point_radius_mm=1.5)
+    sizes = [int(balls.target[ndimage.label(balls.target)[0] == n].sum()) for n in (1, 2)]
+    assert sizes[0] == sizes[1] == 19  # the same 1.5 mm ball (1 mm voxels) about each centroid, however large the label
+    assert balls.target[12, 12, 9] == 1 and balls.target[8, 8, 6] == 0  # the big CMB's centre in, its corner out
+    np.testing.assert_array_equal(balls.cmb_centres, labels.cmb_centres)
+    for pool in (balls.brain, balls.dark):  # negatives never land on the labelled CMB outside its ball
+        assert not instances[tuple(np.asarray(pool).T)].any()
+    assert not balls.target[tuple(np.asarray(balls.brain).T)].any()  # nor on a ball reaching past a 1-voxel label

@@ -63,8 +63,12 @@ def point_target(shape: tuple[int, int, int], centroids: np.ndarray, spacing: tu
 
 
 def build_training_volume(scan: Scan, pre: Preprocessed, *, point_radius_mm: float = 1.5, dark_threshold: float = 0.3,
-                          vessel_contrast: float | None = 0.15, seed: int = 0) -> TrainingVolume:
+                          vessel_contrast: float | None = 0.15, seed: int = 0, centroid_target: bool = False) -> TrainingVolume:
     """Assemble targets and negative pools for one preprocessed training scan.
+
+    target: the label map's CMBs; where only centroids are known, or with `centroid_target`, balls of
+    `point_radius_mm` about each centroid (every CMB then weighs the same in the U-Net's loss, however
+    large its label). Negatives keep 3 voxels clear of the label components and of the balls alike.
 
     dark: in-brain voxels below `dark_threshold` (normalized intensity; mostly iron-rich
     nuclei, sulci and veins). vessel: dark voxels at least `vessel_contrast` below the mean
@@ -74,12 +78,13 @@ def build_training_volume(scan: Scan, pre: Preprocessed, *, point_radius_mm: flo
     """
     image = np.asarray(pre.image)
     mask = np.asarray(pre.mask)
-    if scan.instances is not None:
-        target = (scan.instances > 0).astype(np.uint8)
-    else:
-        target = point_target(image.shape, scan.centroids_vox, scan.spacing_mm, point_radius_mm)
+    labelled = scan.instances > 0 if scan.instances is not None else np.zeros(image.shape, bool)
+    use_balls = centroid_target or scan.instances is None
+    target = (point_target(image.shape, scan.centroids_vox, scan.spacing_mm, point_radius_mm) if use_balls
+              else labelled.astype(np.uint8))
+    keep_clear = labelled | (target > 0)
     centres = np.rint(scan.centroids_vox).astype(int).reshape(-1, 3)
-    near_cmb = ndimage.binary_dilation(target > 0, iterations=3)
+    near_cmb = ndimage.binary_dilation(keep_clear, iterations=3)
     rng = np.random.default_rng(seed)
     brain = np.argwhere(mask & ~near_cmb)
     is_dark = mask & ~near_cmb & (image < dark_threshold) & (image > 0)

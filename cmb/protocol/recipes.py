@@ -65,6 +65,7 @@ class MemberRecipe:
     net_kwargs: dict[str, Any]  # saved with the weights (cmb.models.checkpoint)
     health: HealthCheck | None = None
     refine: RefineRound | None = None
+    centroid_target: bool = False  # U-Nets: train on balls about the CMB centroids, not the label map (unet.centroid_target)
 
 
 def _sampling(mix: Any, stage_cfg: DictConfig, num_workers: int, anchor: float) -> Sampling:
@@ -105,5 +106,5 @@ def member_recipe(cfg: DictConfig, stage: str) -> MemberRecipe:
         refine = RefineRound(int(r.steps), float(r.threshold), None if r.get("max_scans") is None else int(r.max_scans),
                              float(r.lr), _sampling(r.sampling, scfg, num_workers, anchor), replay)
     return MemberRecipe(stage, int(scfg.max_steps), _sampling(scfg.sampling, scfg, num_workers, anchor), lambda: instantiate(scfg.net),
-                        make_module, net_kwargs, health, refine)
+                        make_module, net_kwargs, health, refine, stage == "unet" and bool(scfg.get("centroid_target", False)))
 

@@ -19,14 +19,15 @@ from cmb.layout import FINAL, STAGES
 from cmb.mixes import stage_draws
 
 # 3: per-member seeds from a hash of (seed, stage, fold, batch size, attempt, round); stage groups `unet`/`cnn`
-SETTINGS_SCHEMA = 3
+# 4: `data_options` (training targets and negative pools) count too; schema 3 left them out
+SETTINGS_SCHEMA = 4
 
 
 def member_settings(cfg: DictConfig, stage: str, split: dict, batch_size: int) -> dict[str, Any]:
     """What decides a member's weights, by one rule (settings schema `SETTINGS_SCHEMA`):
 
     1. the stage's config group (`unet` or `cnn`), the data (not where it is cached), the
-       preprocessing, the seed, the batch size and the fold's split; CNNs also the mining
+       preprocessing, `data_options` (targets and negative pools), the seed, the batch size and the fold's split; CNNs also the mining
        settings (their negatives), U-Nets with a hard-negative round the matching radius (it
        decides which detections are false);
     2. minus the settings of parts that do not run (the hard-negative round at `refine.steps` 0,
@@ -39,7 +40,8 @@ def member_settings(cfg: DictConfig, stage: str, split: dict, batch_size: int) -
     if stage not in STAGES:
         raise ConfigError(f"stage must be one of {STAGES}, got {stage!r}")
     keep = {"stage": OmegaConf.to_container(cfg[stage], resolve=True), "data": OmegaConf.to_container(cfg.data, resolve=True),
-            "preprocess": OmegaConf.to_container(cfg.preprocess, resolve=True), "seed": int(cfg.seed),
+            "preprocess": OmegaConf.to_container(cfg.preprocess, resolve=True),
+            "data_options": OmegaConf.to_container(cfg.data_options, resolve=True), "seed": int(cfg.seed),
             "batch_size": int(batch_size), "split": split, "schema": SETTINGS_SCHEMA}
     keep["data"].pop("cache_dir", None)
     keep["stage"].pop("health", None)
