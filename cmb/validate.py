@@ -99,6 +99,12 @@ def check_train(cfg: DictConfig) -> None:
     if _get(cfg, "unet.centroid_target") not in (None, True, False):
         raise ConfigError(f"unet.centroid_target={_get(cfg, 'unet.centroid_target')!r} is not allowed: true or false")
     positive_number(cfg, "data_options.point_target_radius_mm")
+    bloom = _get(cfg, "unet.bloom")
+    if bloom is not None:
+        if not isinstance(bloom, DictConfig) or set(bloom.keys()) != {"ratio", "radius_mm"}:
+            raise ConfigError(f"unet.bloom={bloom!r} is not allowed: null or {{ratio: R, radius_mm: MM}}")
+        probability(cfg, "unet.bloom.ratio", open_low=True)
+        positive_number(cfg, "unet.bloom.radius_mm")
     probability(cfg, "inference.unet_threshold", open_low=True)
     probability(cfg, "mining.threshold", open_low=True)
     one_of(cfg, "inference.unet.mode", UNET_MODES)

@@ -9,7 +9,7 @@ from scipy import ndimage
 
 from cmb import WINDOW
 from cmb.data.augment import augment_window, crop_centred, region_size, scale_log_contrast, window_augmentation, zoomed_region
-from cmb.data.patches import PatchDataset, TrainingVolume, build_training_volume
+from cmb.data.patches import PatchDataset, TargetOptions, TrainingVolume, build_training_volume
 from cmb.data.preprocess import Preprocessed
 from cmb.data.readers import cmbs_from_instances
 from cmb.data.scan import Scan
@@ -219,7 +219,7 @@ def test_centroid_targets_give_every_labelled_cmb_the_same_ball_and_keep_negativ
     pre = Preprocessed("s", image, mask, {})
     labels = build_training_volume(scan, pre, vessel_contrast=None)
     np.testing.assert_array_equal(labels.target, (instances > 0).astype(np.uint8))  # off: the label map, as before
-    balls = build_training_volume(scan, pre, vessel_contrast=None, centroid_target=True, point_radius_mm=1.5)
+    balls = build_training_volume(scan, pre, vessel_contrast=None, target_options=TargetOptions(centroid_balls=True), point_radius_mm=1.5)
     sizes = [int(balls.target[ndimage.label(balls.target)[0] == n].sum()) for n in (1, 2)]
     assert sizes[0] == sizes[1] == 19  # the same 1.5 mm ball (1 mm voxels) about each centroid, however large the label
     assert balls.target[12, 12, 9] == 1 and balls.target[8, 8, 6] == 0  # the big CMB's centre in, its corner out
@@ -227,3 +227,62 @@ def test_centroid_targets_give_every_labelled_cmb_the_same_ball_and_keep_negativ
     for pool in (balls.brain, balls.dark):  # negatives never land on the labelled CMB outside its ball
         assert not instances[tuple(np.asarray(pool).T)].any()
     assert not balls.target[tuple(np.asarray(balls.brain).T)].any()  # nor on a ball reaching past a 1-voxel label
+
+
+def test_bloom_targets_grow_each_cmb_into_its_own_dark_dot_and_nothing_beyond() -> None:
+    shape = (48, 48, 24)
+    image = np.full(shape, 0.5, np.float32)
+    grid = np.indices(shape)
+    dist = np.sqrt(((grid - np.array([14, 14, 12])[:, None, None, None]) ** 2).sum(0))  # 1 mm voxels
+    image[dist <= 2.0] = 0.1  # the visible dark dot (bloom) about a 1-voxel core
+    image[14, 14, 12] = 0.0
+    image[14, 20:48, 12] = 0.1  # a vein 6 mm away that does not touch the dot: not part of the target
+    image[20:48, 14, 12] = 0.1  # a vein that touches the dot at (17, 14, 12) and runs out of the 4 mm ball
+    image[16:20, 14, 12] = 0.1
+    image[36, 36, 12] = 0.45  # a faint CMB with nothing dark about it
+    instances = np.zeros(shape, np.int32)
+    instances[14, 14, 12] = 1
+    instances[36, 36, 12] = 2
+    mask = np.ones(shape, bool)
+    scan = Scan("s", image, np.eye(4), Path("s.nii.gz"), cmbs=cmbs_from_instances(instances, np.eye(4)), instances=instances)
+    pre = Preprocessed("s", image, mask, {})
+    grown = build_training_volume(scan, pre, vessel_contrast=None, target_options=TargetOptions(bloom_ratio=0.6, bloom_radius_mm=4.0))
+    target = grown.target.astype(bool)
+    assert target[dist <= 2.0].all()  # the whole dark dot, core included
+    assert not target[14, 20:, 12].any()  # the vein beside it stays a negative
+    assert target[18, 14, 12] and not target[19:, 14, 12].any()  # the touching vein only within 4 mm of the centroid
+    assert target[36, 36, 12] and target[ndimage.label(target)[0] == ndimage.label(target)[0][36, 36, 12]].sum() == 1  # the faint one: its core
+    assert int(target.sum()) == int((dist <= 2.0).sum()) + 2 + 1  # dot, the vein's (16..18, 14, 12) beyond the dot's rim, the faint core
+    np.testing.assert_array_equal(grown.cmb_centres, build_training_volume(scan, pre, vessel_contrast=None).cmb_centres)
+    for pool in (grown.brain, grown.dark):  # negatives keep clear of the grown target
+        assert not target[tuple(np.asarray(pool).T)].any()
+    assert len(grown.dark) > 0  # the veins are still dark negatives
+
+
+def test_bloom_option_is_checked_at_the_door_reaches_the_recipe_and_enters_the_hash_only_when_on() -> None:
+    from hydra import compose, initialize_config_dir
+
+    from cmb.protocol.recipes import member_recipe
+    from cmb.protocol.settings import member_settings, settings_hash
+    from cmb.validate import check_train
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+
+    def compose_train(overrides: list[str]):
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            return compose(config_name="train", overrides=overrides)
+
+    for override, message in [("unet.bloom={ratio:1.5,radius_mm:4}", r"unet.bloom.ratio=1.5 is not allowed: a number in \(0, 1\]"),
+                              ("unet.bloom={ratio:0.6,radius_mm:0}", "unet.bloom.radius_mm=0 is not allowed: a number > 0"),
+                              ("unet.bloom={ratio:0.6}", "unet.bloom=.* is not allowed: null or"),
+                              ("unet.bloom=0.6", "unet.bloom=0.6 is not allowed: null or")]:
+        with pytest.raises(ConfigError, match=message):
+            check_train(compose_train([override]))
+    default, off, on = (compose_train(o) for o in ([], ["unet.bloom=null"], ["unet.bloom={ratio:0.6,radius_mm:4.0}"]))
+    check_train(on)
+    assert member_recipe(default, "unet").target == TargetOptions()
+    assert member_recipe(on, "unet").target == TargetOptions(bloom_ratio=0.6, bloom_radius_mm=4.0)
+    assert member_recipe(on, "cnn").target == TargetOptions()  # the CNNs' pools are built as before
+    split = {"fold": 0, "train": ["a", "b"], "test": ["c"]}
+    hashes = [settings_hash(member_settings(c, "unet", split, 20)) for c in (default, off, on)]
+    assert hashes[0] == hashes[1] != hashes[2]

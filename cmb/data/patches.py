@@ -62,13 +62,62 @@ def point_target(shape: tuple[int, int, int], centroids: np.ndarray, spacing: tu
     return target
 
 
+@dataclass(frozen=True)
+class TargetOptions:
+    """What the U-Net is trained to mark (`unet.centroid_target`, `unet.bloom`).
+
+    centroid_balls: balls of `point_radius_mm` about each centroid instead of the label map. bloom_ratio: grow
+    each CMB's target into the contiguous hypointensity about it (`bloom_target`): voxels below `bloom_ratio`
+    times the local background within `bloom_radius_mm` of the centroid; None: no growth.
+    """
+
+    centroid_balls: bool = False
+    bloom_ratio: float | None = None
+    bloom_radius_mm: float = 4.0
+
+
+def bloom_target(image: np.ndarray, mask: np.ndarray, core: np.ndarray, centroids: np.ndarray, spacing: tuple[float, float, float],
+                 ratio: float, radius_mm: float, background_mm: float = 8.0) -> np.ndarray:
+    """Each CMB's target grown into the dark region ("bloom") it lies in; uint8 (I, J, K).
+
+    For each centroid (voxels, (N, 3)): the local background is the median in-mask intensity in a box of
+    +-`background_mm` about it (3 voxels clear of `core`); the bloom is every 26-connected component of
+    {in-mask voxels below `ratio` x background, within `radius_mm` of the centroid} that touches `core` there
+    (the CMB's own target voxels within `radius_mm`). Written here because no library grows a label map into
+    its hypointensity; in SWI the visible dark dot is several times the susceptibility core (dephasing).
+    """
+    out = core.astype(np.uint8).copy()
+    sp = np.asarray(spacing, dtype=float)
+    reach = np.ceil(max(background_mm, radius_mm) / sp).astype(int)
+    for c in np.asarray(centroids, dtype=float).reshape(-1, 3):
+        lo = np.maximum(np.floor(c).astype(int) - reach, 0)
+        hi = np.minimum(np.ceil(c).astype(int) + reach + 1, image.shape)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        grid = np.ix_(*[np.arange(a, b) for a, b in zip(lo, hi)])
+        near = sum(((g - ci) * s) ** 2 for g, ci, s in zip(grid, c, sp)) <= radius_mm**2
+        own_core = (core[box] > 0) & near
+        if not own_core.any():
+            continue
+        inside = mask[box] > 0
+        around = inside & ~ndimage.binary_dilation(own_core, iterations=3)
+        if not around.any():
+            continue
+        dark = inside & near & (image[box] < ratio * float(np.median(image[box][around])))
+        comps, _ = ndimage.label(dark | own_core, structure=np.ones((3, 3, 3)))
+        touching = np.unique(comps[own_core])
+        out[box] |= np.isin(comps, touching[touching > 0]).astype(np.uint8)
+    return out
+
+
 def build_training_volume(scan: Scan, pre: Preprocessed, *, point_radius_mm: float = 1.5, dark_threshold: float = 0.3,
-                          vessel_contrast: float | None = 0.15, seed: int = 0, centroid_target: bool = False) -> TrainingVolume:
+                          vessel_contrast: float | None = 0.15, seed: int = 0,
+                          target_options: TargetOptions = TargetOptions()) -> TrainingVolume:
     """Assemble targets and negative pools for one preprocessed training scan.
 
-    target: the label map's CMBs; where only centroids are known, or with `centroid_target`, balls of
-    `point_radius_mm` about each centroid (every CMB then weighs the same in the U-Net's loss, however
-    large its label). Negatives keep 3 voxels clear of the label components and of the balls alike.
+    target: the label map's CMBs; where only centroids are known, or with `target_options.centroid_balls`, balls
+    of `point_radius_mm` about each centroid (every CMB then weighs the same in the U-Net's loss, however
+    large its label); with `target_options.bloom_ratio`, grown into the hypointensity about each CMB
+    (`bloom_target`). Negatives keep 3 voxels clear of the label components and of the target alike.
 
     dark: in-brain voxels below `dark_threshold` (normalized intensity; mostly iron-rich
     nuclei, sulci and veins). vessel: dark voxels at least `vessel_contrast` below the mean
@@ -79,9 +128,12 @@ def build_training_volume(scan: Scan, pre: Preprocessed, *, point_radius_mm: flo
     image = np.asarray(pre.image)
     mask = np.asarray(pre.mask)
     labelled = scan.instances > 0 if scan.instances is not None else np.zeros(image.shape, bool)
-    use_balls = centroid_target or scan.instances is None
+    use_balls = target_options.centroid_balls or scan.instances is None
     target = (point_target(image.shape, scan.centroids_vox, scan.spacing_mm, point_radius_mm) if use_balls
               else labelled.astype(np.uint8))
+    if target_options.bloom_ratio is not None:
+        target = bloom_target(image, mask, target, scan.centroids_vox, scan.spacing_mm, target_options.bloom_ratio,
+                              target_options.bloom_radius_mm)
     keep_clear = labelled | (target > 0)
     centres = np.rint(scan.centroids_vox).astype(int).reshape(-1, 3)
     near_cmb = ndimage.binary_dilation(keep_clear, iterations=3)

@@ -86,7 +86,7 @@ def train_member(recipe: MemberRecipe, job: MemberJob, ctx: TrainingContext) -> 
     files = job.files
     atomic_write_text(json.dumps(job.stamp), files.started)
     t0 = time.perf_counter()
-    volumes = ctx.store.training_volumes(job.train_scans, job.mimics_dir, job.hits_dir, recipe.centroid_target)
+    volumes = ctx.store.training_volumes(job.train_scans, job.mimics_dir, job.hits_dir, recipe.target)
     rejected = files.rejected_attempts()  # a resumed member goes on with the attempt it was at
     while True:
         seed = member_seed(job.run_seed, job.stage, job.fold, job.batch_size, attempt=len(rejected))
@@ -169,7 +169,7 @@ def _refine_round(recipe: MemberRecipe, job: MemberJob, ctx: TrainingContext, ne
         found = false_positives(prob, rnd.threshold, scan, ctx.match_radius_mm)
         write_candidates(found, files.hard_negatives / f"{scan_id}.csv")
         log.info("%s: %d hard negatives on %s", files.root.name, len(found), scan_id)
-    volumes = ctx.store.training_volumes(job.train_scans, files.hard_negatives, centroid_target=recipe.centroid_target)
+    volumes = ctx.store.training_volumes(job.train_scans, files.hard_negatives, target=recipe.target)
     module = recipe.make_module(net, rnd.steps, rnd.lr)
     names = [f"{v.scan_id}:{i}" for v in volumes for i in range(len(v.cmb_centres))]
     schedule = ReplaySchedule(net, volumes, *rnd.replay) if rnd.replay else None

@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from cmb.data.patches import TargetOptions
 from cmb.models.lightning import CNNModule, UNetModule
 
 
@@ -65,7 +66,7 @@ class MemberRecipe:
     net_kwargs: dict[str, Any]  # saved with the weights (cmb.models.checkpoint)
     health: HealthCheck | None = None
     refine: RefineRound | None = None
-    centroid_target: bool = False  # U-Nets: train on balls about the CMB centroids, not the label map (unet.centroid_target)
+    target: TargetOptions = TargetOptions()  # U-Nets: what they mark (unet.centroid_target, unet.bloom); CNNs: the default
 
 
 def _sampling(mix: Any, stage_cfg: DictConfig, num_workers: int, anchor: float) -> Sampling:
@@ -106,5 +107,12 @@ def member_recipe(cfg: DictConfig, stage: str) -> MemberRecipe:
         refine = RefineRound(int(r.steps), float(r.threshold), None if r.get("max_scans") is None else int(r.max_scans),
                              float(r.lr), _sampling(r.sampling, scfg, num_workers, anchor), replay)
     return MemberRecipe(stage, int(scfg.max_steps), _sampling(scfg.sampling, scfg, num_workers, anchor), lambda: instantiate(scfg.net),
-                        make_module, net_kwargs, health, refine, stage == "unet" and bool(scfg.get("centroid_target", False)))
+                        make_module, net_kwargs, health, refine, unet_target(scfg) if stage == "unet" else TargetOptions())
+
+
+def unet_target(unet_cfg: DictConfig) -> TargetOptions:
+    """`unet.centroid_target` and `unet.bloom` ({ratio, radius_mm} or null) as TargetOptions."""
+    bloom = unet_cfg.get("bloom")
+    return TargetOptions(bool(unet_cfg.get("centroid_target", False)),
+                         None if not bloom else float(bloom.ratio), 4.0 if not bloom else float(bloom.radius_mm))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from cmb.data.io import atomic_write_text
-from cmb.data.patches import TrainingVolume, build_training_volume
+from cmb.data.patches import TargetOptions, TrainingVolume, build_training_volume
 from cmb.data.preprocess import PreprocessConfig, Preprocessed, preprocess_on_working_grid
 from cmb.data.readers import ScanDataset
 from cmb.data.scan import Scan
@@ -54,7 +54,7 @@ class ScanStore:
     def __init__(self, dataset: ScanDataset, preprocess: PreprocessConfig, cache_dir: Path, options: VolumeOptions,
                  timing: RunTiming) -> None:
         self.dataset, self.preprocess, self.cache_dir, self.options, self.timing = dataset, preprocess, Path(cache_dir), options, timing
-        self._volumes: dict[tuple[str, bool], TrainingVolume] = {}
+        self._volumes: dict[tuple[str, TargetOptions], TrainingVolume] = {}
 
     def load(self, scan_id: str) -> tuple[Scan, Preprocessed]:
         """The scan on the run's working grid (`preprocess.spacing`, cmb.data.resample) and its preprocessing."""
@@ -64,18 +64,18 @@ class ScanStore:
         return scan, pre
 
     def training_volumes(self, scan_ids: list[str], mimics_dir: Path | None = None, hits_dir: Path | None = None,
-                         centroid_target: bool = False) -> list[TrainingVolume]:
+                         target: TargetOptions = TargetOptions()) -> list[TrainingVolume]:
         """Targets and negative pools per scan, with the mimics of `mimics_dir/<scan>.csv` and the stage-1 hits of
-        `hits_dir/<scan>.csv` attached where present; `centroid_target`: the target is balls about the centroids
-        even where label maps exist (`unet.centroid_target`)."""
+        `hits_dir/<scan>.csv` attached where present; `target`: what the U-Net marks (`unet.centroid_target`,
+        `unet.bloom`)."""
         volumes = []
         o = self.options
         for scan_id in scan_ids:
-            key = (scan_id, bool(centroid_target))
+            key = (scan_id, target)
             if key not in self._volumes:
                 scan, pre = self.load(scan_id)
                 self._volumes[key] = build_training_volume(scan, pre, point_radius_mm=o.point_radius_mm, dark_threshold=o.dark_threshold,
-                                                           vessel_contrast=o.vessel_contrast, seed=o.seed, centroid_target=centroid_target)
+                                                           vessel_contrast=o.vessel_contrast, seed=o.seed, target_options=target)
             vol = self._volumes[key]
             if mimics_dir is not None and (mimics_dir / f"{scan_id}.csv").is_file():
                 vol = replace(vol, mimics=candidate_voxels(mimics_dir / f"{scan_id}.csv"))
