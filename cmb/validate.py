@@ -18,6 +18,7 @@ from cmb.mixes import NOT_DRAWABLE, stage_draws
 STAGES = ("unet", "cnn", "mine", "fold", "all", "score")
 UNET_MODES = ("fast", "faithful")
 SCORE_FUSIONS = ("cnn", "mean", "geometric")  # inference.score_fusion (cmb.inference.cnn_scores.fuse_scores)
+CANDIDATE_POINTS = ("centroid", "peak")  # inference.candidate_point (cmb.inference.candidates.extract_candidates)
 MINING_MODES = ("leak_free", "paper")  # mining.mode (cmb.protocol.mining)
 MASK_METHODS = ("auto", "user", "deepbet", "hdbet", "threshold")  # preprocess.mask (cmb.data.preprocess.brain_mask_method)
 
@@ -109,6 +110,7 @@ def check_train(cfg: DictConfig) -> None:
     probability(cfg, "mining.threshold", open_low=True)
     one_of(cfg, "inference.unet.mode", UNET_MODES)
     one_of(cfg, "inference.score_fusion", SCORE_FUSIONS)
+    one_of(cfg, "inference.candidate_point", CANDIDATE_POINTS)
     one_of(cfg, "mining.mode", MINING_MODES)
     positive_number(cfg, "eval.target_fp_per_scan")
     positive_number(cfg, "eval.match_radius_mm")

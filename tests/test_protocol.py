@@ -298,6 +298,36 @@ def test_infer_outputs_map_back_to_the_planted_cmb(finished_run: Path, tmp_path:
 
 
 @pytest.mark.slow
+def test_infer_places_candidates_by_the_point_rule_of_the_run_it_deploys(finished_run: Path, tmp_path: Path, monkeypatch) -> None:
+    """Evaluation equals deployment for `inference.candidate_point`: infer.py places candidates as the run's
+    out-of-fold candidates were placed (its config.yaml), not by the current default."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from cmb.inference import candidates as cand_module
+    from cmb.inference import predictor as pred
+
+    _lps_scan_with_cmb(tmp_path / "new.nii.gz")
+    _known_stage_outputs(monkeypatch)
+    used: list[str] = []
+
+    def spy(*args, **kwargs):
+        used.append(kwargs.get("point", "centroid"))
+        return cand_module.extract_candidates(*args, **kwargs)
+
+    monkeypatch.setattr(pred, "extract_candidates", spy)
+    peak_run = tmp_path / "peak_run"
+    shutil.copytree(finished_run, peak_run, ignore=shutil.ignore_patterns("review", "*.png"))
+    cfg = OmegaConf.load(peak_run / "config.yaml")
+    cfg.inference.candidate_point = "peak"
+    OmegaConf.save(cfg, peak_run / "config.yaml")
+    for run, expected in ((finished_run, "centroid"), (peak_run, "peak")):
+        det = pred.Predictor(run, threshold=0.0, cache_dir=tmp_path / "cache", progress=False).predict_scan(tmp_path / "new.nii.gz")
+        assert used[-1] == expected and len(det.scores) > 0
+
+
+@pytest.mark.slow
 def test_infer_on_a_dicom_series_equals_infer_on_the_same_scan_as_nifti(finished_run: Path, tmp_path: Path, monkeypatch,
                                                                        tiny_synthetic_module: Path) -> None:
     """A DICOM series folder goes the same way as a NIfTI file of the same voxels and geometry: same
@@ -802,8 +832,11 @@ def test_mimics_mined_under_other_mining_settings_are_mined_again_and_the_same_o
 
     calls: list[tuple[float, list[str]]] = []
 
-    def fake_mine(todo, load, unet_map, threshold, radius, out, hits_out):  # noqa: ANN001, ANN202 - records what is mined
+    points: list[str] = []
+
+    def fake_mine(todo, load, unet_map, threshold, radius, out, hits_out, point="centroid"):  # noqa: ANN001, ANN202 - records what is mined
         calls.append((threshold, list(todo)))
+        points.append(point)
         out.mkdir(parents=True, exist_ok=True)
         hits_out.mkdir(parents=True, exist_ok=True)
         for scan_id in todo:
@@ -834,6 +867,9 @@ def test_mimics_mined_under_other_mining_settings_are_mined_again_and_the_same_o
     (unet / "model.pt").write_bytes(b"retrained weights")  # the U-Net deleted and trained again
     protocol(["mining.threshold=0.2"]).mine(0)
     assert len(calls) == 3 and calls[-1] == (0.2, scans)
+    # mimics placed by another candidate point rule are mined again, by that rule
+    protocol(["mining.threshold=0.2", "inference.candidate_point=peak"]).mine(0)
+    assert len(calls) == 4 and points == ["centroid"] * 3 + ["peak"]
 
 
 def test_the_cache_is_per_user_wherever_cmb_runs_and_does_not_enter_the_settings_hash(tmp_path: Path, tiny_synthetic: Path,

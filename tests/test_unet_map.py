@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -91,6 +93,81 @@ def test_candidates_from_hand_made_map(tmp_path) -> None:
     path = write_candidates(cands, tmp_path / "c.csv", {"hits": ["0", ""]})
     back, rows = read_candidates(path)
     assert [r["hits"] for r in rows] == ["0", ""] and back[0].peak == pytest.approx(0.9)
+
+
+def test_peak_point_keeps_a_candidate_on_its_cmb_where_a_vein_joins_the_component(tmp_path) -> None:
+    # a CMB-like blob (peak 0.95 at (5, 5, 5)) joined by a faint 14-voxel "vein" along i: one component, whose
+    # score-weighted centroid is dragged ~2.5 voxels down the vein, 5 mm at 2 mm slices along i
+    prob = np.zeros((24, 12, 12), np.float32)
+    prob[4:7, 4:7, 4:7] = 0.6
+    prob[5, 5, 5] = 0.95
+    prob[7:21, 5, 5] = 0.4
+    affine = np.diag([2.0, 1.0, 1.0, 1.0])
+    (centroid,) = extract_candidates(prob, 0.2, affine, "s")
+    (peak,) = extract_candidates(prob, 0.2, affine, "s", point="peak")
+    assert (peak.peak, peak.mean, peak.size, peak.score) == (centroid.peak, centroid.mean, centroid.size, centroid.score)
+    assert centroid.i > 7  # in the vein: more than 4 mm from the CMB's centre
+    np.testing.assert_allclose(peak.voxel, (5, 5, 5), atol=1e-6)  # the 3x3x3 cube about the peak is the symmetric blob
+    assert peak.x_mm == pytest.approx(10.0)
+    # the default is the whole component's centroid, as before the option (and as every earlier run's files)
+    (default,) = extract_candidates(prob, 0.2, affine, "s")
+    np.testing.assert_array_equal(default.voxel, centroid.voxel)
+    # a flat plateau: ties go to the first voxel in C order, and the cube about it stays inside the component
+    flat = np.zeros((10, 10, 10), np.float32)
+    flat[2:5, 2:5, 2:5] = 0.5
+    (p,) = extract_candidates(flat, 0.2, np.eye(4), "s", point="peak")
+    np.testing.assert_allclose(p.voxel, (2.5, 2.5, 2.5))
+    # several components at once: each placed about its own peak
+    two = np.zeros((30, 12, 12), np.float32)
+    two[2:5, 2:5, 2:5], two[3, 3, 3] = 0.5, 0.9
+    two[20:23, 6:9, 6:9], two[21, 8, 7] = 0.5, 0.8
+    cands = extract_candidates(two, 0.2, np.eye(4), "s", point="peak")
+    assert [c.peak for c in cands] == pytest.approx([0.9, 0.8])
+    np.testing.assert_allclose(cands[0].voxel, (3, 3, 3), atol=1e-6)
+    cube = two[20:23, 7:9, 6:9]  # the 3x3x3 cube about (21, 8, 7), clipped to the component (j <= 8)
+    w = cube.astype(float)
+    jj = np.arange(7, 9)[None, :, None] * np.ones_like(w)
+    assert cands[1].j == pytest.approx(float((w * jj).sum() / w.sum()))
+    with pytest.raises(ValueError, match="point must be one of"):
+        extract_candidates(prob, 0.2, affine, "s", point="middle")
+
+
+def test_candidate_point_is_checked_at_the_door_and_enters_the_negatives_hashes_and_stamps_only_when_not_centroid() -> None:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from cmb.errors import ConfigError
+    from cmb.eval.run_files import CANDIDATE_DEFINITION, candidate_settings
+    from cmb.layout import CNN_SCORES, MIMICS
+    from cmb.protocol.settings import member_settings, settings_hash
+    from cmb.validate import check_train
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+
+    def compose_train(overrides: list[str]):
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            return compose(config_name="train", overrides=overrides)
+
+    with pytest.raises(ConfigError, match="inference.candidate_point='middle' is not allowed: one of centroid, peak"):
+        check_train(compose_train(["inference.candidate_point=middle"]))
+    default, peak = compose_train([]), compose_train(["inference.candidate_point=peak"])
+    check_train(peak)
+    before = compose_train([])  # a run made before the option: no key at all
+    with open_dict(before):
+        del before.inference["candidate_point"]
+    split = {"fold": 0, "train": ["a", "b"], "test": ["c"]}
+    for stage in ("cnn", "unet"):  # CNNs: their mimics; U-Nets: their hard-negative round (on by default)
+        hashes = [settings_hash(member_settings(c, stage, split, 20)) for c in (before, default, peak)]
+        assert hashes[0] == hashes[1] != hashes[2]
+    with open_dict(peak):
+        peak.unet.refine.steps = 0
+    with open_dict(default):
+        default.unet.refine.steps = 0
+    assert settings_hash(member_settings(default, "unet", split, 20)) == settings_hash(member_settings(peak, "unet", split, 20))
+    for folder in (CNN_SCORES, MIMICS):  # out-of-fold files and mimics placed otherwise are recomputed, never reused
+        assert candidate_settings(before, folder) == candidate_settings(default, folder) != candidate_settings(peak, folder)
+    assert candidate_settings(default, CNN_SCORES)["candidates"] == CANDIDATE_DEFINITION
+    assert "3x3x3 voxels about its peak" in candidate_settings(peak, CNN_SCORES)["candidates"]
 
 
 def test_balanced_tiles_cover_the_box_with_fewest_even_tiles() -> None:

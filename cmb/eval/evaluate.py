@@ -33,7 +33,7 @@ from cmb.errors import DataError
 from cmb.eval.bootstrap import bootstrap
 from cmb.eval.froc import FROCCurve, best_curve_point, choose_operating_point, cpm, froc_curve, sweep
 from cmb.eval.report import plot_froc, report_markdown
-from cmb.eval.run_files import CANDIDATE_DEFINITION, ScanRecord, read_run
+from cmb.eval.run_files import ScanRecord, candidate_definition, read_run
 from cmb.eval.scan_metrics import found_cmbs, scan_counts, sensitivity_by_size, valdo_summary
 from cmb.layout import RunLayout
 from cmb.loggers import build_loggers, finish_wandb_run
@@ -215,7 +215,7 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig | None = None) -> dict[str
                      "mining": str(cfg.mining.mode), "seed": splits.get("seed"),
                      **({"train_scans_per_fold": int(cfg.protocol.train_scans)} if cfg.get("protocol", {}).get("train_scans") else {}),
                      **({"synthetic_cmb_share": synthetic_share} if any(v > 0 for v in synthetic_share.values()) else {})},
-        "candidates": {"definition": CANDIDATE_DEFINITION, "stage1_threshold": s1_thr,
+        "candidates": {"definition": candidate_definition(cfg), "stage1_threshold": s1_thr,
                        "note": "the out-of-fold candidates are the ones infer.py deploys at the same thresholds"},
         "stage1": {"threshold": s1_thr, "sensitivity": s1_point["sensitivity"], "fp_per_scan": s1_point["fp_per_scan"],
                    "tp": s1_point["tp"], "fp": s1_point["fp"], "cpm": cpm1, "sensitivity_at_fp": at1,

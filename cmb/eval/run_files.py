@@ -20,10 +20,17 @@ import numpy as np
 
 from cmb.errors import DataError
 from cmb.eval.matching import assign
+from cmb.inference.candidates import candidate_point, point_description
 from cmb.layout import CNN_SCORES, FOLDER_MEMBERS, MIMICS, PAPER_MINING, SETTINGS_FILE, STAGE1_HITS, TRUTH, UNET_CANDIDATES, RunLayout
 
 POSITION_COLUMNS = ("i", "j", "k")
 CANDIDATE_DEFINITION = "26-connected components of the combined stage-1 map >= unet_threshold, score-weighted centroid, peak"
+
+
+def candidate_definition(cfg: Any) -> str:
+    """`CANDIDATE_DEFINITION` with the run's `inference.candidate_point` (unchanged at the default, so out-of-fold
+    files stamped before the option stay valid)."""
+    return CANDIDATE_DEFINITION.replace("score-weighted centroid", point_description(candidate_point(cfg)))
 
 
 def candidate_settings(cfg: Any, folder: str) -> dict[str, Any]:
@@ -36,8 +43,8 @@ def candidate_settings(cfg: Any, folder: str) -> dict[str, Any]:
         max_scans = cfg.mining.get("max_scans")
         return {"mining": {"mode": str(cfg.mining.mode), "threshold": float(cfg.mining.threshold),
                            "max_scans": None if max_scans is None else int(max_scans)},
-                **stage1_map, "candidates": CANDIDATE_DEFINITION.replace("unet_threshold", "mining.threshold")}
-    settings: dict[str, Any] = {"unet_threshold": float(inf.unet_threshold), **stage1_map, "candidates": CANDIDATE_DEFINITION}
+                **stage1_map, "candidates": candidate_definition(cfg).replace("unet_threshold", "mining.threshold")}
+    settings: dict[str, Any] = {"unet_threshold": float(inf.unet_threshold), **stage1_map, "candidates": candidate_definition(cfg)}
     if folder == CNN_SCORES:
         settings["cnn_tta"] = bool(inf.cnn_tta)
         settings["score_fusion"] = str(inf.get("score_fusion", "cnn"))

@@ -4,7 +4,10 @@
 detection and `infer.py` (at `inference.unet_threshold`), mimic mining (at
 `mining.threshold`) and the U-Nets' hard-negative round (at `unet.refine.threshold`) all call
 it on the combined (or one member's) map. A candidate is one 26-connected component of
-`map >= threshold`, placed at its score-weighted centroid, scored by its peak.
+`map >= threshold`, scored by its peak and placed by `inference.candidate_point` (`CANDIDATE_POINTS`):
+at its score-weighted centroid (`centroid`), or at the score-weighted centroid of its voxels in the
+3x3x3 cube about its peak voxel (`peak`: a component that spans a CMB and the vein or nucleus beside it
+keeps its point on the CMB instead of between the two).
 """
 
 from __future__ import annotations
@@ -12,17 +15,19 @@ from __future__ import annotations
 import csv
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
 from cmb.data.io import CONNECTIVITY_26, vox_to_mm
+from cmb.validate import CANDIDATE_POINTS
 
 
 
 @dataclass
 class Candidate:
-    """One candidate CMB. (i, j, k): score-weighted centroid, 0-based voxels of the processing
+    """One candidate CMB. (i, j, k): its point (`extract_candidates`), 0-based voxels of the processing
     grid; (x_mm, y_mm, z_mm): the same point in RAS mm; peak/mean: stage-1 scores; size: voxels.
     `score` is the detection score (stage-2 probability once scored, else the peak)."""
 
@@ -48,8 +53,22 @@ def candidate_points(cands: list[Candidate]) -> np.ndarray:
     return np.array([c.voxel for c in cands], dtype=float).reshape(-1, 3)
 
 
-def extract_candidates(prob: np.ndarray, threshold: float, affine: np.ndarray, scan_id: str = "", min_size: int = 1) -> list[Candidate]:
-    """Components (26-connected) of `prob >= threshold` (prob: float (I, J, K)), highest peak first."""
+def candidate_point(cfg: Any) -> str:
+    """A run's `inference.candidate_point` (`centroid` for a run made before the option)."""
+    return str(cfg.inference.get("candidate_point", "centroid"))
+
+
+def point_description(point: str = "centroid") -> str:
+    """How a candidate is placed, in words (the out-of-fold files' stamp and results.json)."""
+    return {"centroid": "score-weighted centroid", "peak": "score-weighted centroid of the 3x3x3 voxels about its peak"}[point]
+
+
+def extract_candidates(prob: np.ndarray, threshold: float, affine: np.ndarray, scan_id: str = "", min_size: int = 1,
+                       point: str = "centroid") -> list[Candidate]:
+    """Components (26-connected) of `prob >= threshold` (prob: float (I, J, K)), highest peak first, each placed
+    by `point` (`CANDIDATE_POINTS`; voxels)."""
+    if point not in CANDIDATE_POINTS:
+        raise ValueError(f"point must be one of {CANDIDATE_POINTS}, got {point!r}")
     labels, n = ndimage.label(prob >= threshold, structure=CONNECTIVITY_26)
     if n == 0:
         return []
@@ -60,9 +79,21 @@ def extract_candidates(prob: np.ndarray, threshold: float, affine: np.ndarray, s
     weight = prob[coords].astype(np.float64)
     sizes = np.bincount(lab, minlength=n + 1)[1:]
     mass = np.bincount(lab, weight, minlength=n + 1)[1:]
-    centroids = np.stack([np.bincount(lab, weight * c, minlength=n + 1)[1:] for c in coords], axis=1) / mass[:, None]
     peaks = np.zeros(n + 1)
     np.maximum.at(peaks, lab, weight)
+    if point == "peak":
+        # each component's peak voxel (ties: the first in C order, as np.nonzero lists them; lexsort is stable),
+        # then the weights of its voxels within one voxel of it (Chebyshev)
+        first = np.lexsort((-weight, lab))
+        starts = first[np.searchsorted(lab[first], np.arange(1, n + 1))]
+        peak_vox = np.zeros((n + 1, 3), dtype=np.int64)
+        peak_vox[1:] = np.stack([c[starts] for c in coords], axis=1)
+        near = np.max(np.abs(np.stack(coords, axis=1) - peak_vox[lab]), axis=1) <= 1
+        weight_for_point = weight * near
+    else:
+        weight_for_point = weight
+    point_mass = np.bincount(lab, weight_for_point, minlength=n + 1)[1:]
+    centroids = np.stack([np.bincount(lab, weight_for_point * c, minlength=n + 1)[1:] for c in coords], axis=1) / point_mass[:, None]
     peaks = peaks[1:]
     means = mass / sizes
     mm = vox_to_mm(centroids, affine)

@@ -63,21 +63,21 @@ def fresh_output_folder(out: Path, settings: dict[str, Any]) -> Path:
 def heldout_unet_candidates(scan_ids: list[str], fold: int, load: Callable[[str], tuple[Scan, Preprocessed]],
                             unet_map: Callable[[Preprocessed], np.ndarray], threshold: float, match_radius_mm: float,
                             out: Path, truth_dir: Path, timing: RunTiming,
-                            mining: tuple[Path, float] | None = None) -> None:
+                            mining: tuple[Path, float] | None = None, point: str = "centroid") -> None:
     """`out/<scan>.csv` for each held-out scan: components of the combined map >= `threshold` and the CMBs
     they hit; `truth_dir/<scan>.json`. `mining` (folder, threshold): also the components at the mining
-    threshold (mining.mode=paper)."""
+    threshold (mining.mode=paper). `point`: where each candidate is placed (`inference.candidate_point`)."""
     for scan_id in scan_ids:
         scan, pre = load(scan_id)
         t = time.perf_counter()
         prob = unet_map(pre)
-        cands = extract_candidates(prob, threshold, scan.affine, scan_id)
+        cands = extract_candidates(prob, threshold, scan.affine, scan_id, point=point)
         timing.add("stage1_inference", time.perf_counter() - t, "n_stage1_scans")
         points = candidate_points(cands)
         write_candidates(cands, out / f"{scan_id}.csv", {"hits": hits_column(points, scan_truth(scan), match_radius_mm)})
         if mining is not None:
             mining_out, mining_threshold = mining
-            pool = extract_candidates(prob, mining_threshold, scan.affine, scan_id)
+            pool = extract_candidates(prob, mining_threshold, scan.affine, scan_id, point=point)
             pool_points = candidate_points(pool)
             write_candidates(pool, mining_out / f"{scan_id}.csv", {"hits": hits_column(pool_points, scan_truth(scan), match_radius_mm)})
         write_truth_file(truth_dir / f"{scan_id}.json", scan, fold)

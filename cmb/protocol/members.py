@@ -69,6 +69,7 @@ class TrainingContext:
     match_radius_mm: float  # a U-Net detection within this of a CMB is not a false positive
     clock: TrainingClock
     record_config: Callable[..., None]  # (folder, **metadata): config.yaml and metadata.json of a member
+    candidate_point: str = "centroid"  # where a stage-1 component is placed (inference.candidate_point)
 
 
 def planned_steps(recipe: MemberRecipe) -> int:
@@ -166,7 +167,7 @@ def _refine_round(recipe: MemberRecipe, job: MemberJob, ctx: TrainingContext, ne
     for scan_id in [s for s in scans if not (files.hard_negatives / f"{s}.csv").is_file()]:
         scan, pre = ctx.store.load(scan_id)
         prob = predict_probability(net, np.asarray(pre.image), np.asarray(pre.mask), ctx.unet_map, ctx.device)
-        found = false_positives(prob, rnd.threshold, scan, ctx.match_radius_mm)
+        found = false_positives(prob, rnd.threshold, scan, ctx.match_radius_mm, ctx.candidate_point)
         write_candidates(found, files.hard_negatives / f"{scan_id}.csv")
         log.info("%s: %d hard negatives on %s", files.root.name, len(found), scan_id)
     volumes = ctx.store.training_volumes(job.train_scans, files.hard_negatives, target=recipe.target)

@@ -32,29 +32,30 @@ def scan_truth(scan: Scan) -> Truth:
     return Truth(scan.centroids_vox, scan.spacing_mm, scan.instances)
 
 
-def split_components(prob: np.ndarray, threshold: float, scan: Scan, match_radius_mm: float) -> tuple[list[Candidate], list[Candidate]]:
-    """Components of `prob >= threshold` (I, J, K): (those that hit no CMB of `scan`, those that hit one),
-    by the matching rule of docs/design.md."""
-    cands = extract_candidates(prob, threshold, scan.affine, scan.scan_id)
+def split_components(prob: np.ndarray, threshold: float, scan: Scan, match_radius_mm: float,
+                     point: str = "centroid") -> tuple[list[Candidate], list[Candidate]]:
+    """Components of `prob >= threshold` (I, J, K), placed by `point` (`inference.candidate_point`): (those that
+    hit no CMB of `scan`, those that hit one), by the matching rule of docs/design.md."""
+    cands = extract_candidates(prob, threshold, scan.affine, scan.scan_id, point=point)
     hits = hit_sets(candidate_points(cands), scan_truth(scan), match_radius_mm)
     return [c for c, h in zip(cands, hits) if not h], [c for c, h in zip(cands, hits) if h]
 
 
-def false_positives(prob: np.ndarray, threshold: float, scan: Scan, match_radius_mm: float) -> list[Candidate]:
+def false_positives(prob: np.ndarray, threshold: float, scan: Scan, match_radius_mm: float, point: str = "centroid") -> list[Candidate]:
     """Components of `prob >= threshold` (I, J, K) that hit no CMB of `scan` (matching rule of docs/design.md)."""
-    return split_components(prob, threshold, scan, match_radius_mm)[0]
+    return split_components(prob, threshold, scan, match_radius_mm, point)[0]
 
 
 def mine_leak_free(scan_ids: list[str], load: Callable[[str], tuple[Scan, Preprocessed]],
                    unet_map: Callable[[Preprocessed], np.ndarray], threshold: float, match_radius_mm: float, out: Path,
-                   hits_out: Path) -> None:
+                   hits_out: Path, point: str = "centroid") -> None:
     """`out/<scan>.csv`: the false positives of the fold's combined U-Net map (`unet_map`) at `threshold`;
     `hits_out/<scan>.csv`: its components that hit a CMB, where the U-Nets place them (the "hit" windows of
     stage 2). A file already there is kept (`_write_missing`)."""
     hits_out.mkdir(parents=True, exist_ok=True)
     for scan_id in scan_ids:
         scan, pre = load(scan_id)
-        mimics, hits = split_components(unet_map(pre), threshold, scan, match_radius_mm)
+        mimics, hits = split_components(unet_map(pre), threshold, scan, match_radius_mm, point)
         _write_missing(scan_id, (mimics, out), (hits, hits_out))
 
 

@@ -25,6 +25,7 @@ from cmb.data.readers import ScanDataset
 from cmb.data.splits import make_or_load_splits, select_fold
 from cmb.errors import CMBError, ConfigError
 from cmb.eval.run_files import folder_settings, member_digests
+from cmb.inference.candidates import candidate_point
 from cmb.inference.unet_map import UNetMapConfig, ensemble_probability
 from cmb.layout import CNN_SCORES, FINAL, MIMICS, PAPER_MINING, STAGE1_HITS, STAGES, TRUTH, UNET_CANDIDATES, RunLayout, member_name
 from cmb.mixes import stage_draws
@@ -72,7 +73,8 @@ class Protocol:
         self.recipes: dict[str, MemberRecipe] = {s: member_recipe(cfg, s) for s in STAGES}
         self.context = TrainingContext(self.store, trainer_factory(cfg, self.layout.root.name, self.clock), self.unet_map_cfg,
                                        self.device, float(cfg.eval.match_radius_mm), self.clock,
-                                       lambda folder, **extra: write_config_and_metadata(folder, cfg, **extra))
+                                       lambda folder, **extra: write_config_and_metadata(folder, cfg, **extra),
+                                       candidate_point(cfg))
 
     def prepare(self) -> None:
         """Create the run folder (splits.json, config.yaml, a log file) on the first step that writes; everything
@@ -215,7 +217,7 @@ class Protocol:
             return out
         if mode == "leak_free":
             mining.mine_leak_free(todo, self.store.load, self.unet_map(self.members("unet", fold)), float(self.cfg.mining.threshold),
-                                  float(self.cfg.eval.match_radius_mm), out, hits_out)
+                                  float(self.cfg.eval.match_radius_mm), out, hits_out, candidate_point(self.cfg))
         elif mode == "paper":
             mining.mine_paper(todo, lambda s: self.layout.scan_file(self.heldout_fold_of(s), PAPER_MINING, s), out, hits_out)
         else:
@@ -248,7 +250,8 @@ class Protocol:
             detection.heldout_unet_candidates(todo, fold, self.store.load, self.unet_map(self.members("unet", fold)),
                                               float(self.cfg.inference.unet_threshold), float(self.cfg.eval.match_radius_mm), out,
                                               self.layout.fold_folder(fold, TRUTH), self.timing,
-                                              (mining_out, float(self.cfg.mining.threshold)) if mining_out else None)
+                                              (mining_out, float(self.cfg.mining.threshold)) if mining_out else None,
+                                              candidate_point(self.cfg))
 
     def cnn_scores(self, fold: int) -> None:
         """Every held-out U-Net candidate scored by the fold's CNNs (as infer.py does)."""

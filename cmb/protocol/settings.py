@@ -15,6 +15,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from cmb.errors import ConfigError
+from cmb.inference.candidates import candidate_point
 from cmb.layout import FINAL, STAGES
 from cmb.mixes import stage_draws
 
@@ -29,7 +30,8 @@ def member_settings(cfg: DictConfig, stage: str, split: dict, batch_size: int) -
     1. the stage's config group (`unet` or `cnn`), the data (not where it is cached), the
        preprocessing, `data_options` (targets and negative pools), the seed, the batch size and the fold's split; CNNs also the mining
        settings (their negatives), U-Nets with a hard-negative round the matching radius (it
-       decides which detections are false);
+       decides which detections are false); both also `inference.candidate_point` when it is not `centroid`
+       (where those negatives lie);
     2. minus the settings of parts that do not run (the hard-negative round at `refine.steps` 0,
        the transplant source and the synthetic-CMB settings when no sampling mix draws them) and of the health check
        (it keeps a healthy member as it is; a retrained one says so in done.json);
@@ -45,11 +47,16 @@ def member_settings(cfg: DictConfig, stage: str, split: dict, batch_size: int) -
             "batch_size": int(batch_size), "split": split, "schema": SETTINGS_SCHEMA}
     keep["data"].pop("cache_dir", None)
     keep["stage"].pop("health", None)
+    point = candidate_point(cfg)
     if stage == "cnn":
         keep["mining"] = OmegaConf.to_container(cfg.mining, resolve=True)
+        if point != "centroid":  # where the mimics lie; at the default the key is left out, as an option that is off
+            keep["candidate_point"] = point
     refine = keep["stage"].get("refine") or {}
     if stage == "unet" and refine.get("steps"):
         keep["match_radius_mm"] = float(cfg.eval.match_radius_mm)
+        if point != "centroid":  # where the hard negatives lie
+            keep["candidate_point"] = point
     else:
         keep["stage"].pop("refine", None)
     for kind in ("transplant", "synthetic"):  # a kind's settings count only when a mix draws it
