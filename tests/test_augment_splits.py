@@ -259,7 +259,7 @@ def test_bloom_targets_grow_each_cmb_into_its_own_dark_dot_and_nothing_beyond() 
     assert len(grown.dark) > 0  # the veins are still dark negatives
 
 
-def test_bloom_option_is_checked_at_the_door_reaches_the_recipe_and_enters_the_hash_only_when_on() -> None:
+def test_bloom_option_is_checked_at_the_door_reaches_the_recipe_is_on_for_user_data_and_off_for_the_paper() -> None:
     from hydra import compose, initialize_config_dir
 
     from cmb.protocol.recipes import member_recipe
@@ -274,15 +274,18 @@ def test_bloom_option_is_checked_at_the_door_reaches_the_recipe_and_enters_the_h
 
     for override, message in [("unet.bloom={ratio:1.5,radius_mm:4}", r"unet.bloom.ratio=1.5 is not allowed: a number in \(0, 1\]"),
                               ("unet.bloom={ratio:0.6,radius_mm:0}", "unet.bloom.radius_mm=0 is not allowed: a number > 0"),
-                              ("unet.bloom={ratio:0.6}", "unet.bloom=.* is not allowed: null or"),
                               ("unet.bloom=0.6", "unet.bloom=0.6 is not allowed: null or")]:
         with pytest.raises(ConfigError, match=message):
             check_train(compose_train([override]))
     default, off, on = (compose_train(o) for o in ([], ["unet.bloom=null"], ["unet.bloom={ratio:0.6,radius_mm:4.0}"]))
     check_train(on)
-    assert member_recipe(default, "unet").target == TargetOptions()
+    check_train(default)
+    assert member_recipe(off, "unet").target == TargetOptions()
+    assert member_recipe(default, "unet").target == TargetOptions(bloom_ratio=0.6, bloom_radius_mm=4.0)  # the default since 2026-12-07
     assert member_recipe(on, "unet").target == TargetOptions(bloom_ratio=0.6, bloom_radius_mm=4.0)
     assert member_recipe(on, "cnn").target == TargetOptions()  # the CNNs' pools are built as before
     split = {"fold": 0, "train": ["a", "b"], "test": ["c"]}
     hashes = [settings_hash(member_settings(c, "unet", split, 20)) for c in (default, off, on)]
-    assert hashes[0] == hashes[1] != hashes[2]
+    assert hashes[0] == hashes[2] != hashes[1]
+    paper = compose_train(["experiment=paper"])  # keeps the label map, and so its members' hashes
+    assert member_recipe(paper, "unet").target == TargetOptions() and paper.preprocess.spacing is None

@@ -38,6 +38,7 @@ def run_folder(tmp_path: Path) -> Path:
             kwargs = OmegaConf.to_container(node.net, resolve=True)
             kwargs.pop("_target_")
             save_model(instantiate(node.net), kwargs, member / "model.pt", stage=stage, fold="final", batch_size=int(bs))
+    cfg.preprocess.spacing = [0.5, 0.5, 1.0]  # a run writes the median voxel size it resolved (cmb.protocol.run), never "median"
     (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     (run / "results.json").write_text(json.dumps({"chosen_operating_point": {"threshold": 0.5, "rule": "test"}}))
     return run
