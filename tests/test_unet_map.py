@@ -103,7 +103,7 @@ def test_peak_point_keeps_a_candidate_on_its_cmb_where_a_vein_joins_the_componen
     prob[5, 5, 5] = 0.95
     prob[7:21, 5, 5] = 0.4
     affine = np.diag([2.0, 1.0, 1.0, 1.0])
-    (centroid,) = extract_candidates(prob, 0.2, affine, "s")
+    (centroid,) = extract_candidates(prob, 0.2, affine, "s", point="centroid")
     (peak,) = extract_candidates(prob, 0.2, affine, "s", point="peak")
     assert (peak.peak, peak.mean, peak.size, peak.score) == (centroid.peak, centroid.mean, centroid.size, centroid.score)
     assert centroid.i > 7  # in the vein: more than 4 mm from the CMB's centre

@@ -90,9 +90,9 @@ def extract_candidates(prob: np.ndarray, threshold: float, affine: np.ndarray, s
         peak_vox[1:] = np.stack([c[starts] for c in coords], axis=1)
         near = np.max(np.abs(np.stack(coords, axis=1) - peak_vox[lab]), axis=1) <= 1
         weight_for_point = weight * near
+        point_mass = np.bincount(lab, weight_for_point, minlength=n + 1)[1:]
     else:
-        weight_for_point = weight
-    point_mass = np.bincount(lab, weight_for_point, minlength=n + 1)[1:]
+        weight_for_point, point_mass = weight, mass
     centroids = np.stack([np.bincount(lab, weight_for_point * c, minlength=n + 1)[1:] for c in coords], axis=1) / point_mass[:, None]
     peaks = peaks[1:]
     means = mass / sizes

@@ -217,7 +217,7 @@ class Protocol:
             return out
         if mode == "leak_free":
             mining.mine_leak_free(todo, self.store.load, self.unet_map(self.members("unet", fold)), float(self.cfg.mining.threshold),
-                                  float(self.cfg.eval.match_radius_mm), out, hits_out, candidate_point(self.cfg))
+                                  float(self.cfg.eval.match_radius_mm), out, hits_out, self.context.candidate_point)
         elif mode == "paper":
             mining.mine_paper(todo, lambda s: self.layout.scan_file(self.heldout_fold_of(s), PAPER_MINING, s), out, hits_out)
         else:
@@ -251,7 +251,7 @@ class Protocol:
                                               float(self.cfg.inference.unet_threshold), float(self.cfg.eval.match_radius_mm), out,
                                               self.layout.fold_folder(fold, TRUTH), self.timing,
                                               (mining_out, float(self.cfg.mining.threshold)) if mining_out else None,
-                                              candidate_point(self.cfg))
+                                              self.context.candidate_point)
 
     def cnn_scores(self, fold: int) -> None:
         """Every held-out U-Net candidate scored by the fold's CNNs (as infer.py does)."""

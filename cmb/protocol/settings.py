@@ -47,18 +47,17 @@ def member_settings(cfg: DictConfig, stage: str, split: dict, batch_size: int) -
             "batch_size": int(batch_size), "split": split, "schema": SETTINGS_SCHEMA}
     keep["data"].pop("cache_dir", None)
     keep["stage"].pop("health", None)
-    point = candidate_point(cfg)
     if stage == "cnn":
         keep["mining"] = OmegaConf.to_container(cfg.mining, resolve=True)
-        if point != "centroid":  # where the mimics lie; at the default the key is left out, as an option that is off
-            keep["candidate_point"] = point
     refine = keep["stage"].get("refine") or {}
-    if stage == "unet" and refine.get("steps"):
+    hard_negatives = stage == "unet" and bool(refine.get("steps"))
+    if hard_negatives:
         keep["match_radius_mm"] = float(cfg.eval.match_radius_mm)
-        if point != "centroid":  # where the hard negatives lie
-            keep["candidate_point"] = point
     else:
         keep["stage"].pop("refine", None)
+    point = candidate_point(cfg)
+    if point != "centroid" and (stage == "cnn" or hard_negatives):  # where the mimics or hard negatives lie; left out at the default
+        keep["candidate_point"] = point
     for kind in ("transplant", "synthetic"):  # a kind's settings count only when a mix draws it
         if not stage_draws(keep["stage"], kind):
             keep["stage"].pop(kind, None)
