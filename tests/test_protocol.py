@@ -481,6 +481,48 @@ def test_score_without_a_run_is_refused_at_the_door(tmp_path: Path, tiny_synthet
     assert out.returncode == 2 and "stage=score needs model_dir=RUN_DIR" in out.stderr and not any(tmp_path.iterdir())
 
 
+def _stage2_points_module():  # noqa: ANN202 - the benchmark script as a module
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("stage2_points", REPO / "benchmarks" / "stage2_points.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_two_point_variants_take_the_peak_window_only_where_they_say() -> None:
+    pick = _stage2_points_module().pick_points
+    centroid = np.array([[10.0, 10, 10], [20, 20, 20], [30, 30, 30]])
+    peak = centroid + np.array([[0.0, 0, 1], [0, 0, 2], [0, 0, 0.5]])  # 2, 4 and 1 mm away on a 1x1x2 mm grid
+    c_score, p_score = np.array([0.9, 0.2, 0.3]), np.array([0.5, 0.8, 0.6])
+    points, scores = pick(centroid, peak, c_score, p_score, (1.0, 1.0, 2.0), "centroid", 2.5)
+    assert np.array_equal(points, centroid) and np.array_equal(scores, c_score)
+    points, scores = pick(centroid, peak, c_score, p_score, (1.0, 1.0, 2.0), "peak", 2.5)
+    assert np.array_equal(points, peak) and np.array_equal(scores, p_score)
+    points, scores = pick(centroid, peak, c_score, p_score, (1.0, 1.0, 2.0), "max", 2.5)  # the higher window of each
+    assert np.array_equal(points, np.stack([centroid[0], peak[1], peak[2]])) and np.array_equal(scores, [0.9, 0.8, 0.6])
+    points, scores = pick(centroid, peak, c_score, p_score, (1.0, 1.0, 2.0), "max_far", 2.5)  # and only beyond 2.5 mm
+    assert np.array_equal(points, np.stack([centroid[0], peak[1], centroid[2]])) and np.array_equal(scores, [0.9, 0.8, 0.3])
+    with pytest.raises(ValueError, match="variant must be one of"):
+        pick(centroid, peak, c_score, p_score, (1.0, 1.0, 2.0), "mean", 2.5)
+
+
+@pytest.mark.slow
+def test_the_two_point_benchmark_reproduces_the_run_at_its_own_points(finished_run: Path, tmp_path: Path,
+                                                                       tiny_synthetic_module: Path) -> None:
+    """benchmarks/stage2_points.py re-detects the held-out scans with each fold's members: at the centroid (the run's
+    own rule) it must give the run's CPM and nested point exactly; every variant is evaluated on every held-out scan."""
+    env = {**os.environ, "CMB_CACHE": str(tiny_synthetic_module), "WANDB_MODE": "offline"}
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "stage2_points.py"), str(finished_run), "--out", str(tmp_path / "p.json")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {r["points"]: r for r in json.loads((tmp_path / "p.json").read_text())}
+    own = json.loads((finished_run / "results.json").read_text())
+    assert set(rows) == {"centroid", "peak", "max", "max_far"} and rows["centroid"]["equals_run"] is True
+    assert rows["centroid"]["cpm"] == own["froc"]["cpm"] and rows["centroid"]["nested_tp"] == own["nested_operating_point"]["tp"]
+    assert rows["centroid"]["stage1_sensitivity"] == own["stage1"]["sensitivity"]
+    assert all(r["n_cmbs"] == own["dataset"]["n_cmbs"] for r in rows.values())
+
 # ----------------------------------------------------------------------------- stage-1 hard-negative round
 
 
