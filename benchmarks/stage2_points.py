@@ -38,7 +38,7 @@ from cmb.data.preprocess import preprocess_on_working_grid
 from cmb.eval.evaluate import evaluate_run, load_splits
 from cmb.eval.run_files import folder_settings
 from cmb.inference.candidates import Candidate, candidate_points, extract_candidates, write_candidates
-from cmb.inference.cnn_scores import score_points
+from cmb.inference.cnn_scores import score_candidates
 from cmb.inference.predictor import Predictor
 from cmb.layout import CNN_SCORES, SETTINGS_FILE, TRUTH, UNET_CANDIDATES, RunLayout
 from cmb.protocol.detection import hits_column
@@ -64,7 +64,7 @@ def pick_points(centroid: np.ndarray, peak: np.ndarray, centroid_score: np.ndarr
 
 
 def two_point_scores(run: Path) -> tuple[dict, dict[tuple[int, str], dict]]:
-    """The run's config and, per (fold, held-out scan), both points and both CNN scores of every stage-1 component."""
+    """The run's config and, per (fold, held-out scan), both points and both detection scores (the CNNs', fused as the run fuses them) of every stage-1 component."""
     cfg = OmegaConf.load(run / "config.yaml")
     dataset = dataset_from_run_config(cfg.data, run / "config.yaml")  # allow-listed readers only: a run folder is data
     cache_dir = cfg.data.get("cache_dir") or user_cache_dir()
@@ -72,15 +72,16 @@ def two_point_scores(run: Path) -> tuple[dict, dict[tuple[int, str], dict]]:
     for fold, split in enumerate(load_splits(run)["folds"]):
         predictor = Predictor(run, fold=fold, threshold=0.5, cache_dir=cache_dir, progress=False)
         tta = bool(predictor.run_cfg.inference.cnn_tta)
+        fusion = str(predictor.run_cfg.inference.get("score_fusion", "cnn"))
         for scan_id in split["test"]:
             source = dataset.load(scan_id)
-            scan, prob, cands, _, _ = predictor.score_scan(source)  # the run's own candidates (its point rule), working grid
+            scan, prob, cands, scored, _ = predictor.score_scan(source)  # the run's own candidates and scores, working grid
             peaks = extract_candidates(prob, predictor.unet_threshold, scan.affine, scan.scan_id, point="peak")
-            centroid, peak = candidate_points(cands), candidate_points(peaks)
             image = np.asarray(preprocess_on_working_grid(source, predictor.pre_cfg, cache_dir)[1].image)  # cached by score_scan
-            out[(fold, scan_id)] = {"scan": scan, "cands": cands, "centroid": centroid, "peak": peak,
-                                    "centroid_score": score_points(predictor.cnns, image, centroid, tta=tta, device=predictor.device),
-                                    "peak_score": score_points(predictor.cnns, image, peak, tta=tta, device=predictor.device)}
+            peaks_scored = score_candidates(predictor.cnns, image, peaks, tta=tta, device=predictor.device, fusion=fusion)  # as score_scan scores
+            out[(fold, scan_id)] = {"scan": scan, "cands": cands, "centroid": candidate_points(cands), "peak": candidate_points(peaks),
+                                    "centroid_score": np.array([c.score for c in scored]),
+                                    "peak_score": np.array([c.score for c in peaks_scored])}
     return cfg, out
 
 
