@@ -8,15 +8,16 @@ deploys) and the point of `inference.candidate_point=peak` (the score-weighted c
 about its peak voxel). Four ways to pick each candidate's point and score are evaluated as `python -m
 cmb.eval` would (CPM, nested point, stage 2's keep rate there):
 
-- `centroid`: the run as it is; its figures must equal the run's own results.json (printed as a check);
+- `centroid`: stage 2 at the candidate's point (`inference.stage2_window=candidate`);
 - `peak`: the peak point, with CNNs trained on mimics at centroids (unlike a run trained with
   `inference.candidate_point=peak`, whose mimics are placed at peaks too);
 - `max`: whichever of the two windows the CNNs score higher, at that window's point;
 - `max_far`: the peak window only where it scores higher and its point lies more than `eval.match_radius_mm`
-  from the centroid (a component whose centroid falls between two dark structures).
+  from the centroid (a component whose centroid falls between two dark structures): `inference.stage2_window=max_far`.
 
-Each variant's stage-1 figures are those of its chosen points. Nothing here changes a run or a default; a
-default needs a rule in docs/experiments.md.
+The row of the run's own `inference.stage2_window` must equal the run's results.json in CPM and nested hits
+(printed as a check). Each variant's stage-1 figures are those of its chosen points (a run judges stage 1 at
+the candidates' own points). Nothing here changes a run or a default; a default needs a rule in docs/experiments.md.
 """
 
 from __future__ import annotations
@@ -37,14 +38,15 @@ from cmb.data.io import vox_to_mm
 from cmb.data.preprocess import preprocess_on_working_grid
 from cmb.eval.evaluate import evaluate_run, load_splits
 from cmb.eval.run_files import folder_settings
-from cmb.inference.candidates import Candidate, candidate_points, extract_candidates, write_candidates
-from cmb.inference.cnn_scores import score_candidates
+from cmb.inference.candidates import Candidate, candidate_points, extract_candidates, stage2_window, write_candidates
+from cmb.inference.cnn_scores import lies_far, score_candidates
 from cmb.inference.predictor import Predictor
 from cmb.layout import CNN_SCORES, SETTINGS_FILE, TRUTH, UNET_CANDIDATES, RunLayout
 from cmb.protocol.detection import hits_column
 from cmb.protocol.mining import scan_truth
 
 VARIANTS = ("centroid", "peak", "max", "max_far")
+OWN_VARIANT = {"candidate": "centroid", "max_far": "max_far"}  # the variant each inference.stage2_window deploys
 
 
 def pick_points(centroid: np.ndarray, peak: np.ndarray, centroid_score: np.ndarray, peak_score: np.ndarray,
@@ -57,7 +59,7 @@ def pick_points(centroid: np.ndarray, peak: np.ndarray, centroid_score: np.ndarr
     elif variant in ("max", "max_far"):
         take_peak = peak_score > centroid_score
         if variant == "max_far":
-            take_peak &= np.linalg.norm((peak - centroid) * np.asarray(spacing_mm, float), axis=1) > far_mm
+            take_peak &= lies_far(centroid, peak, spacing_mm, far_mm)
     else:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     return np.where(take_peak[:, None], peak, centroid).reshape(-1, 3), np.where(take_peak, peak_score, centroid_score)
@@ -71,6 +73,7 @@ def two_point_scores(run: Path) -> tuple[dict, dict[tuple[int, str], dict]]:
     out: dict[tuple[int, str], dict] = {}
     for fold, split in enumerate(load_splits(run)["folds"]):
         predictor = Predictor(run, fold=fold, threshold=0.5, cache_dir=cache_dir, progress=False)
+        predictor.stage2_window = "candidate"  # every candidate's score at its own point: the variants pick from both windows here
         tta = bool(predictor.run_cfg.inference.cnn_tta)
         fusion = str(predictor.run_cfg.inference.get("score_fusion", "cnn"))
         for scan_id in split["test"]:
@@ -133,12 +136,12 @@ def main() -> None:
                    "stage1_fp_per_scan": results["stage1"]["fp_per_scan"], "nested_tp": nested["tp"], "n_cmbs": results["dataset"]["n_cmbs"],
                    "nested_sensitivity": nested["sensitivity"], "nested_fp_per_scan": nested["fp_per_scan"],
                    "keep_found": keep["found_by_stage1"], "keep_kept": keep["kept"]}
-            if variant == "centroid":
+            if variant == OWN_VARIANT[stage2_window(cfg)]:
                 row["equals_run"] = results["froc"]["cpm"] == own["froc"]["cpm"] and nested["tp"] == own["nested_operating_point"]["tp"]
             table.append(row)
             print(f"| {run} | {variant} | {row['stage1_sensitivity']:.3f} at {row['stage1_fp_per_scan']:.2f} | {row['cpm']:.3f} | "
                   f"{row['nested_sensitivity']:.3f} ({row['nested_tp']}/{row['n_cmbs']}) at {row['nested_fp_per_scan']:.2f} | "
-                  f"{row['keep_kept']}/{row['keep_found']} |" + ("" if variant != "centroid" else f" (equals the run: {row['equals_run']})"),
+                  f"{row['keep_kept']}/{row['keep_found']} |" + (f" (equals the run: {row['equals_run']})" if "equals_run" in row else ""),
                   flush=True)
     if args.out:
         args.out.write_text(json.dumps(table, indent=1))

@@ -186,6 +186,8 @@ def _corrupt(run: Path, case: str) -> Path:
         row[header.index("score")] = {"non-numeric score": "abc", "NaN score": "nan", "score above 1": "1.5"}[case]
     elif case == "hits a CMB that does not exist":
         row[header.index("hits")] = "7"
+    elif case == "oof moved a candidate":  # to a point that is neither the candidate's nor its peak point
+        row[header.index("i")] = "11.0"
     elif case == "oof misses a candidate":
         lines = lines[:-1]
         oof.write_text("\n".join(lines) + "\n")
@@ -206,7 +208,7 @@ def _corrupt(run: Path, case: str) -> Path:
 
 
 BAD_CASES = ["missing oof", "empty oof", "truncated oof", "garbage stage1", "garbage truth", "missing truth", "non-numeric score",
-             "NaN score", "score above 1", "hits a CMB that does not exist", "oof misses a candidate",
+             "NaN score", "score above 1", "hits a CMB that does not exist", "oof moved a candidate", "oof misses a candidate",
              "written before settings were recorded", "other stage-1 threshold", "a member retrained since"]
 
 
@@ -222,6 +224,36 @@ def test_bad_run_files_exit_2_naming_the_file_and_leave_outputs_alone(tmp_path: 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and str(bad) in err[0], err
     assert {name: (run / name).read_bytes() for name in before} == before
+
+
+def test_stage2_scores_at_a_candidates_peak_point_count_where_that_point_hits(tmp_path: Path) -> None:
+    """inference.stage2_window=max_far: a cnn_scores row may sit at its candidate's peak point (unet_candidates'
+    peak_i/j/k); stage 1 is judged at the candidate's point, the two-stage result at the window scored."""
+    from cmb.eval.evaluate import evaluate_run
+
+    scans = {"A": {**TWO_SCANS["A"], "detections": [(10, 10, 14, 0.9, 0.55), *TWO_SCANS["A"]["detections"][1:]]}, "B": TWO_SCANS["B"]}
+    run = make_run(tmp_path / "run", scans, [["A"], ["B"]])  # A's CMB candidate lies 4 mm off it (k=14 at 1 mm slices): a miss
+    cfg = OmegaConf.load(run / "config.yaml")
+    cfg.inference.stage2_window = "max_far"
+    OmegaConf.save(cfg, run / "config.yaml")
+    for folder in ("unet_candidates", "cnn_scores"):
+        (run / "fold_0" / folder / "settings.json").write_text(json.dumps(folder_settings(cfg, run / "fold_0", folder)))
+        (run / "fold_1" / folder / "settings.json").write_text(json.dumps(folder_settings(cfg, run / "fold_1", folder)))
+    stage1_file, scored_file = run / "fold_0" / "unet_candidates" / "A.csv", run / "fold_0" / "cnn_scores" / "A.csv"
+    dets = scans["A"]["detections"]
+    stage1 = [Candidate("A", *d[:3], 0.0, 0.0, 0.0, d[3], d[3], 5, d[3], peak_point=(10.0, 10.0, 10.0) if n == 0 else tuple(map(float, d[:3])))
+              for n, d in enumerate(dets)]
+    write_candidates(stage1, stage1_file, {"hits": ["", "", ""]})
+    moved = [Candidate("A", 10.0, 10.0, 10.0, 0.0, 0.0, 0.0, 0.9, 0.9, 5, 0.55), *(Candidate("A", *d[:3], 0.0, 0.0, 0.0, d[3], d[3], 5, d[4])
+                                                                                  for d in dets[1:])]
+    write_candidates(moved, scored_file, {"hits": ["0", "", ""]})
+    results = evaluate_run(run, cfg)
+    assert results["stage1"]["sensitivity"] == 0.5  # B's CMB only: A's candidate point misses
+    at_zero = next(p for p in results["operating_points"] if p["threshold"] == min(q["threshold"] for q in results["operating_points"]))
+    assert at_zero["tp"] == 2  # the peak window finds A's CMB
+    write_candidates([Candidate("A", 10.0, 10.0, 12.0, 0.0, 0.0, 0.0, 0.9, 0.9, 5, 0.55), *moved[1:]], scored_file, {"hits": ["0", "", ""]})
+    with pytest.raises(Exception, match="does not score the 3 stage-1 candidates"):  # neither the candidate's point nor its peak point
+        evaluate_run(run, cfg)
 
 
 def test_cli_exit_status(tmp_path: Path) -> None:

@@ -474,6 +474,12 @@ def test_a_finished_run_scores_another_family_as_infer_py_would(finished_run: Pa
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     timing = json.loads((scored / "timing.json").read_text())
     assert timing["n_stage1_scans"] == 5 and timing["stage1_inference"] > 0  # four scans, then the one left: all counted
+    stamp = scored / "fold_0" / "cnn_scores" / "settings.json"  # files of other settings (the scored run's window changed since)
+    stamp.write_text(json.dumps({**json.loads(stamp.read_text()), "stage2_window": "candidate"}))
+    rescored = run_cli(args, tiny_synthetic_module)
+    assert rescored.returncode == 0 and "out-of-fold files from other settings" in rescored.stdout + rescored.stderr, rescored.stderr[-2000:]
+    assert json.loads((scored / "timing.json").read_text())["n_stage1_scans"] == 9  # every scan scored again, none re-stamped
+    assert json.loads(stamp.read_text())["stage2_window"] == "max_far"
 
 
 def test_score_without_a_run_is_refused_at_the_door(tmp_path: Path, tiny_synthetic: Path) -> None:
@@ -510,16 +516,21 @@ def test_two_point_variants_take_the_peak_window_only_where_they_say() -> None:
 @pytest.mark.slow
 def test_the_two_point_benchmark_reproduces_the_run_at_its_own_points(finished_run: Path, tmp_path: Path,
                                                                        tiny_synthetic_module: Path) -> None:
-    """benchmarks/stage2_points.py re-detects the held-out scans with each fold's members: at the centroid (the run's
-    own rule) it must give the run's CPM and nested point exactly; every variant is evaluated on every held-out scan."""
+    """benchmarks/stage2_points.py re-detects the held-out scans with each fold's members: the row of the run's own
+    window (`max_far`, the default) must give the run's CPM and nested point exactly, and the centroid row stage 1 at
+    the candidates' points, as the run judges it; every variant is evaluated on every held-out scan."""
+    from omegaconf import OmegaConf
+
     env = {**os.environ, "CMB_CACHE": str(tiny_synthetic_module), "WANDB_MODE": "offline"}
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "stage2_points.py"), str(finished_run), "--out", str(tmp_path / "p.json")],
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {r["points"]: r for r in json.loads((tmp_path / "p.json").read_text())}
     own = json.loads((finished_run / "results.json").read_text())
-    assert set(rows) == {"centroid", "peak", "max", "max_far"} and rows["centroid"]["equals_run"] is True
-    assert rows["centroid"]["cpm"] == own["froc"]["cpm"] and rows["centroid"]["nested_tp"] == own["nested_operating_point"]["tp"]
+    assert OmegaConf.load(finished_run / "config.yaml").inference.stage2_window == "max_far"
+    assert set(rows) == {"centroid", "peak", "max", "max_far"} and rows["max_far"]["equals_run"] is True
+    assert "equals_run" not in rows["centroid"]
+    assert rows["max_far"]["cpm"] == own["froc"]["cpm"] and rows["max_far"]["nested_tp"] == own["nested_operating_point"]["tp"]
     assert rows["centroid"]["stage1_sensitivity"] == own["stage1"]["sensitivity"]
     assert all(r["n_cmbs"] == own["dataset"]["n_cmbs"] for r in rows.values())
 
@@ -934,3 +945,48 @@ def test_the_cache_is_per_user_wherever_cmb_runs_and_does_not_enter_the_settings
     hashes = [Protocol(_compose([*SMOKE, f"paths.cache_dir={cache}", f"paths.runs_dir={tmp_path}", "name=cache"]))
               .member_settings_hash("unet", 0, 20) for cache in (tiny_synthetic, moved)]
     assert hashes[0] == hashes[1]
+
+
+def test_out_of_fold_max_far_files_carry_peak_points_and_score_hits_at_the_window_taken(tmp_path: Path) -> None:
+    """heldout_unet_candidates stores each component's peak point; heldout_cnn_scores puts a candidate whose far
+    peak window scores higher at that point, with the CMBs it hits there; stage-1 files without peak points are refused."""
+    import torch
+
+    from cmb.data.preprocess import Preprocessed
+    from cmb.data.scan import CMBInstance, Scan
+    from cmb.errors import DataError
+    from cmb.inference.candidates import read_candidates
+    from cmb.protocol.detection import heldout_cnn_scores, heldout_unet_candidates
+    from cmb.protocol.scans import RunTiming
+
+    class CentreDarkness(torch.nn.Module):  # CMB logit 20 * (0.5 - the window's centre voxel)
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            centre = x[:, 0, x.shape[2] // 2, x.shape[3] // 2, x.shape[4] // 2]
+            return torch.stack([torch.zeros_like(centre), 20 * (0.5 - centre)], dim=1)
+
+    image = np.full((40, 30, 30), 0.5, np.float32)
+    image[10, 15, 15] = 0.05  # the CMB, at the peak of a component that a faint vein drags 4+ voxels along i
+    prob = np.zeros(image.shape, np.float32)
+    prob[9:12, 14:17, 14:17], prob[10, 15, 15], prob[12:30, 15, 15] = 0.6, 0.95, 0.4
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    scan = Scan("s", image, affine, tmp_path / "s.nii.gz", cmbs=[CMBInstance((10.0, 15.0, 15.0), (10.0, 15.0, 15.0))])
+    pre = Preprocessed("s", image, np.ones(image.shape, bool), {})
+    timing = RunTiming(tmp_path / "timing.json")
+    stage1, scored, truth = tmp_path / "unet_candidates", tmp_path / "cnn_scores", tmp_path / "truth"
+    for folder in (stage1, scored, truth):
+        folder.mkdir()
+    heldout_unet_candidates(["s"], 0, lambda _: (scan, pre), lambda _: prob, 0.2, 2.5, stage1, truth, timing, with_peak_point=True)
+    (cand,), rows = read_candidates(stage1 / "s.csv")
+    assert cand.i > 13 and rows[0]["hits"] == ""  # stage 1 at the centroid, in the vein: a miss
+    np.testing.assert_allclose(cand.peak_point, (10, 15, 15), atol=1e-6)
+    heldout_cnn_scores(["s"], stage1, lambda _: (scan, pre), [CentreDarkness()], False, "cpu", scored, timing, "cnn", "max_far", 2.5)
+    (moved,), rows = read_candidates(scored / "s.csv")
+    np.testing.assert_allclose(moved.voxel, (10, 15, 15), atol=1e-6)
+    assert rows[0]["hits"] == "0" and moved.score > 0.99 and moved.peak == cand.peak
+    heldout_cnn_scores(["s"], stage1, lambda _: (scan, pre), [CentreDarkness()], False, "cpu", scored, timing, "cnn", "candidate", 2.5)
+    (kept,), rows = read_candidates(scored / "s.csv")
+    assert kept.voxel.tolist() == cand.voxel.tolist() and rows[0]["hits"] == "" and kept.score == pytest.approx(0.5)  # a plain 0.5 window
+    heldout_unet_candidates(["s"], 0, lambda _: (scan, pre), lambda _: prob, 0.2, 2.5, stage1, truth, timing)  # no peak points
+    with pytest.raises(DataError, match="no peak points") as err:
+        heldout_cnn_scores(["s"], stage1, lambda _: (scan, pre), [CentreDarkness()], False, "cpu", scored, timing, "cnn", "max_far", 2.5)
+    assert str(stage1 / "s.csv") in str(err.value)

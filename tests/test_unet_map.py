@@ -132,8 +132,15 @@ def test_peak_point_keeps_a_candidate_on_its_cmb_where_a_vein_joins_the_componen
         extract_candidates(prob, 0.2, affine, "s", point="middle")
 
 
-def test_candidate_point_is_checked_at_the_door_and_enters_the_negatives_hashes_and_stamps_only_when_not_centroid() -> None:
+def compose_train(overrides: list[str]):  # noqa: ANN201 - a DictConfig
+    """The training config as `python train.py OVERRIDES` composes it."""
     from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def test_candidate_point_is_checked_at_the_door_and_enters_the_negatives_hashes_and_stamps_only_when_not_centroid() -> None:
     from omegaconf import open_dict
 
     from cmb.errors import ConfigError
@@ -141,12 +148,6 @@ def test_candidate_point_is_checked_at_the_door_and_enters_the_negatives_hashes_
     from cmb.layout import CNN_SCORES, MIMICS
     from cmb.protocol.settings import member_settings, settings_hash
     from cmb.validate import check_train
-
-    conf = Path(__file__).resolve().parents[1] / "conf"
-
-    def compose_train(overrides: list[str]):
-        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-            return compose(config_name="train", overrides=overrides)
 
     with pytest.raises(ConfigError, match="inference.candidate_point='middle' is not allowed: one of centroid, peak"):
         check_train(compose_train(["inference.candidate_point=middle"]))
@@ -237,3 +238,111 @@ def test_infer_warns_when_a_scan_s_voxels_are_far_from_the_training_scans() -> N
     assert "preprocess.spacing=median" in message
     assert voxel_size_warning("s", (0.3, 0.45, 0.9), training) is not None  # one axis is enough
     assert voxel_size_warning("s", (1.0, 1.0, 2.0), None) is None  # members of an earlier cmb record no range
+
+
+def test_with_peak_point_carries_the_peak_rule_point_beside_the_centroid_and_files_keep_it(tmp_path) -> None:
+    from cmb.inference.candidates import PEAK_POINT_COLUMNS, Candidate
+
+    prob = np.zeros((24, 12, 12), np.float32)  # the CMB-and-vein component of the test above
+    prob[4:7, 4:7, 4:7] = 0.6
+    prob[5, 5, 5] = 0.95
+    prob[7:21, 5, 5] = 0.4
+    prob[2, 10, 10] = 0.5  # and a one-voxel component
+    affine = np.diag([2.0, 1.0, 1.0, 1.0])
+    plain = extract_candidates(prob, 0.2, affine, "s")
+    both = extract_candidates(prob, 0.2, affine, "s", with_peak_point=True)
+    peak = extract_candidates(prob, 0.2, affine, "s", point="peak")
+    assert [c.peak_point for c in plain] == [None, None]
+    np.testing.assert_array_equal(candidate_points(both), candidate_points(plain))  # the candidate stays at its centroid
+    np.testing.assert_allclose([c.peak_point for c in both], candidate_points(peak))  # and carries the peak rule's point
+    np.testing.assert_allclose(both[0].peak_point, (5, 5, 5), atol=1e-6)
+    np.testing.assert_allclose(both[1].peak_point, (2, 10, 10))
+    path = write_candidates(both, tmp_path / "c.csv", {"hits": ["0", ""]})
+    back, rows = read_candidates(path)
+    assert [c.peak_point for c in back] == [c.peak_point for c in both] and [r["hits"] for r in rows] == ["0", ""]
+    header = path.read_text().splitlines()[0].split(",")
+    assert header[-4:] == [*PEAK_POINT_COLUMNS, "hits"]
+    old, _ = read_candidates(write_candidates(plain, tmp_path / "old.csv"))  # files without the columns: no peak points
+    assert [c.peak_point for c in old] == [None, None] and "peak_i" not in (tmp_path / "old.csv").read_text()
+    with pytest.raises(ValueError, match="some candidates carry a peak point"):
+        write_candidates([both[0], plain[1]], tmp_path / "mixed.csv")
+    assert isinstance(back[0], Candidate)
+
+
+class CentreDarknessNet(torch.nn.Module):
+    """A fixed 'discriminator': CMB logit 20 * (0.5 - the window's centre voxel), so a darker centre scores higher."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.windows_seen = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.windows_seen += len(x)
+        centre = x[:, 0, x.shape[2] // 2, x.shape[3] // 2, x.shape[4] // 2]
+        return torch.stack([torch.zeros_like(centre), 20 * (0.5 - centre)], dim=1)
+
+
+def test_max_far_scores_the_peak_window_only_where_it_lies_far_and_takes_it_only_where_it_scores_higher() -> None:
+    from dataclasses import replace
+
+    from cmb.inference.candidates import Candidate
+    from cmb.inference.cnn_scores import score_candidates, score_points
+
+    image = np.full((40, 40, 30), 0.5, np.float32)
+    image[10, 10, 10] = 0.1  # a dark CMB at candidate A's peak point, 4 voxels (4 mm) from A's centroid
+    image[30, 30, 10] = 0.9  # a bright spot at C's peak point
+    image[20, 20, 20] = 0.2  # B's own point is dark; its peak point, 1 mm away, darker still
+    image[21, 20, 20] = 0.05
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = (-5.0, 2.0, 3.0)
+
+    def cand(point, peak_point):
+        return Candidate("s", *map(float, point), 0, 0, 0, 0.7, 0.5, 9, peak_point=tuple(map(float, peak_point)))
+
+    cands = [cand((14, 10, 10), (10, 10, 10)), cand((20, 20, 20), (21, 20, 20)), cand((30, 30, 14), (30, 30, 10))]
+    net = CentreDarknessNet()
+    plain = score_candidates([net], image, cands, tta=False)
+    assert net.windows_seen == 3
+    net.windows_seen = 0
+    far = score_candidates([net], image, cands, tta=False, window="max_far", affine=affine, far_mm=2.5)
+    assert net.windows_seen == 3 + 2  # B's peak point is within 2.5 mm: its window is never scored
+    a, b, c = far
+    np.testing.assert_allclose(a.voxel, (10, 10, 10))  # A: the far, darker window wins, with its point in voxels and RAS mm
+    assert (a.x_mm, a.y_mm, a.z_mm) == (5.0, 12.0, 13.0)
+    assert a.score == pytest.approx(float(score_points([net], image, np.array([[10, 10, 10]]), tta=False)[0])) and a.score > plain[0].score
+    assert (a.peak, a.mean, a.size) == (0.7, 0.5, 9)
+    assert b == plain[1] and c == plain[2]  # B: too near; C: far but brighter
+    np.testing.assert_array_equal(candidate_points([b, c]), candidate_points(cands[1:]))
+    far_cutoff = score_candidates([net], image, cands, tta=False, window="max_far", affine=affine, far_mm=5.0)
+    np.testing.assert_array_equal(candidate_points(far_cutoff), candidate_points(cands))  # 4 mm is not more than 5 mm: nobody moves
+    assert score_candidates([net], image, [], window="max_far", affine=affine) == []
+    with pytest.raises(ValueError, match="needs each candidate's peak point"):
+        score_candidates([net], image, [replace(cands[0], peak_point=None)], window="max_far", affine=affine)
+    with pytest.raises(ValueError, match="window must be one of"):
+        score_candidates([net], image, cands, window="widest")
+
+
+def test_stage2_window_is_checked_at_the_door_and_enters_the_detection_stamps_but_no_member_or_mimic() -> None:
+    from omegaconf import open_dict
+
+    from cmb.errors import ConfigError
+    from cmb.eval.run_files import candidate_settings
+    from cmb.layout import CNN_SCORES, MIMICS, PAPER_MINING, UNET_CANDIDATES
+    from cmb.protocol.settings import member_settings, settings_hash
+    from cmb.validate import check_train
+
+    with pytest.raises(ConfigError, match="inference.stage2_window='widest' is not allowed: one of candidate, max_far"):
+        check_train(compose_train(["inference.stage2_window=widest"]))
+    candidate, far = compose_train(["inference.stage2_window=candidate"]), compose_train(["inference.stage2_window=max_far"])
+    check_train(far)
+    before = compose_train(["inference.stage2_window=candidate"])  # a run made before the option: no key at all
+    with open_dict(before):
+        del before.inference["stage2_window"]
+    split = {"fold": 0, "train": ["a", "b"], "test": ["c"]}
+    for stage in ("cnn", "unet"):  # mimics and hard negatives stay at the candidates' points: members are shared
+        assert len({settings_hash(member_settings(c, stage, split, 20)) for c in (before, candidate, far)}) == 1
+    for folder in (UNET_CANDIDATES, CNN_SCORES):  # peak points in one, the window scored in the other: recomputed, never reused
+        assert candidate_settings(before, folder) == candidate_settings(candidate, folder) != candidate_settings(far, folder)
+        assert candidate_settings(far, folder)["stage2_window"] == "max_far"
+    for folder in (MIMICS, PAPER_MINING):
+        assert candidate_settings(candidate, folder) == candidate_settings(far, folder)

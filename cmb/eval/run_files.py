@@ -20,7 +20,7 @@ import numpy as np
 
 from cmb.errors import DataError
 from cmb.eval.matching import assign
-from cmb.inference.candidates import candidate_point, point_description
+from cmb.inference.candidates import candidate_point, point_description, read_candidates, stage2_window
 from cmb.layout import CNN_SCORES, FOLDER_MEMBERS, MIMICS, PAPER_MINING, SETTINGS_FILE, STAGE1_HITS, TRUTH, UNET_CANDIDATES, RunLayout
 
 POSITION_COLUMNS = ("i", "j", "k")
@@ -45,6 +45,9 @@ def candidate_settings(cfg: Any, folder: str) -> dict[str, Any]:
                            "max_scans": None if max_scans is None else int(max_scans)},
                 **stage1_map, "candidates": candidate_definition(cfg).replace("unet_threshold", "mining.threshold")}
     settings: dict[str, Any] = {"unet_threshold": float(inf.unet_threshold), **stage1_map, "candidates": candidate_definition(cfg)}
+    window = stage2_window(cfg)
+    if window != "candidate" and folder in (UNET_CANDIDATES, CNN_SCORES):  # left out at the default: files stamped before the option stay valid
+        settings["stage2_window"] = window  # unet_candidates then carry peak points, cnn_scores the window scored
     if folder == CNN_SCORES:
         settings["cnn_tta"] = bool(inf.cnn_tta)
         settings["score_fusion"] = str(inf.get("score_fusion", "cnn"))
@@ -194,6 +197,18 @@ def check_settings(folder: Path, expected: dict[str, Any] | None) -> None:
                                 "re-run `python train.py` with the run's settings to recompute them")
 
 
+def scores_the_candidates(scored_points: np.ndarray, candidate_points: np.ndarray, candidates: Path) -> bool:
+    """Whether each row of a cnn_scores file ((N, 3) voxels) lies at its stage-1 candidate's point or, where stage 2
+    took the peak window (`inference.stage2_window=max_far`), at that candidate's peak point in `candidates`."""
+    moved = ~np.all(np.isclose(scored_points, candidate_points), axis=1)
+    if not moved.any():
+        return True
+    peak_points = [c.peak_point for c in read_candidates(candidates)[0]]
+    if any(peak_points[n] is None for n in np.flatnonzero(moved)):
+        return False
+    return bool(np.allclose(scored_points[moved], np.array([peak_points[n] for n in np.flatnonzero(moved)], dtype=float)))
+
+
 def _stage(path: Path, score_column: str, n_cmbs: int) -> StageDetections:
     scores, points, hits = read_detections(path, score_column, n_cmbs)
     return StageDetections(scores, points, assign(scores, hits, points))
@@ -213,7 +228,7 @@ def read_run(run_dir: Path, splits: dict, cfg: Any | None = None) -> list[ScanRe
             candidates, scored = layout.scan_file(k, UNET_CANDIDATES, scan_id), layout.scan_file(k, CNN_SCORES, scan_id)
             stage1 = _stage(candidates, "peak", n_cmbs)
             two_stage = _stage(scored, "score", n_cmbs)
-            if len(two_stage.scores) != len(stage1.scores) or not np.allclose(two_stage.points, stage1.points):
+            if len(two_stage.scores) != len(stage1.scores) or not scores_the_candidates(two_stage.points, stage1.points, candidates):
                 raise DataError(scored, f"does not score the {len(stage1.scores)} stage-1 candidates of {candidates}; delete it and "
                                 "re-run train.py to recompute it")
             records.append(ScanRecord(scan_id, int(fold["fold"]), n_cmbs, diameters, stage1, two_stage))

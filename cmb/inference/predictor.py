@@ -29,7 +29,7 @@ from cmb.data.resample import to_native_grid
 from cmb.data.scan import Scan
 from cmb.errors import ConfigError, DataError
 from cmb.eval.matching import detection_order
-from cmb.inference.candidates import Candidate, candidate_point, candidate_points, extract_candidates
+from cmb.inference.candidates import Candidate, candidate_point, candidate_points, extract_candidates, stage2_window
 from cmb.inference.unet_map import UNetMapConfig, ensemble_probability
 from cmb.inference.cnn_scores import score_candidates
 from cmb.layout import FINAL, MemberFiles, RunLayout, member_name
@@ -128,6 +128,8 @@ class Predictor:
         self.unet_cfg.progress = progress
         self.unet_threshold = float(self.run_cfg.inference.unet_threshold)
         self.candidate_point = candidate_point(self.run_cfg)  # as the run's out-of-fold candidates were placed
+        self.stage2_window = stage2_window(self.run_cfg)  # and scored
+        self.far_mm = float(self.run_cfg.eval.match_radius_mm)  # the max_far distance
         self.cache_dir = cache_dir
 
     def _threshold(self, override: float | None) -> float:
@@ -145,8 +147,9 @@ class Predictor:
 
     def score_scan(self, scan: Scan) -> tuple[Scan, np.ndarray, list[Candidate], list[Candidate], dict[str, float]]:
         """Both stages on one scan: (the scan on the run's working grid (`preprocess.spacing`), the combined
-        stage-1 map (I, J, K) on that grid, the stage-1 candidates, the same candidates with stage-2 scores,
-        seconds per step). The same candidates and scores as a run's out-of-fold files (cmb.protocol.detection)."""
+        stage-1 map (I, J, K) on that grid, the stage-1 candidates, the same candidates with stage-2 scores, each
+        at the point of the window scored (`inference.stage2_window`), seconds per step). The same candidates,
+        points and scores as a run's out-of-fold files (cmb.protocol.detection)."""
         t0 = time.perf_counter()
         scan, pre = preprocess_on_working_grid(scan, self.pre_cfg, self.cache_dir)
         far = voxel_size_warning(scan.scan_id, scan.spacing_mm, self.training_voxel_mm)
@@ -155,10 +158,12 @@ class Predictor:
         t1 = time.perf_counter()
         image, mask = np.asarray(pre.image), np.asarray(pre.mask)
         prob = ensemble_probability(self.unets, image, mask, self.unet_cfg, str(self.run_cfg.inference.ensemble_normalize), self.device)
-        cands = extract_candidates(prob, self.unet_threshold, scan.affine, scan.scan_id, point=self.candidate_point)
+        cands = extract_candidates(prob, self.unet_threshold, scan.affine, scan.scan_id, point=self.candidate_point,
+                                   with_peak_point=self.stage2_window != "candidate")
         t2 = time.perf_counter()
         scored = score_candidates(self.cnns, image, cands, tta=bool(self.run_cfg.inference.cnn_tta), device=self.device,
-                                  fusion=str(self.run_cfg.inference.get("score_fusion", "cnn")))
+                                  fusion=str(self.run_cfg.inference.get("score_fusion", "cnn")), window=self.stage2_window,
+                                  affine=scan.affine, far_mm=self.far_mm)
         t3 = time.perf_counter()
         return scan, prob, cands, scored, {"preprocess": t1 - t0, "stage1": t2 - t1, "stage2": t3 - t2}
 

@@ -25,7 +25,7 @@ from cmb.data.readers import ScanDataset
 from cmb.data.splits import make_or_load_splits, select_fold
 from cmb.errors import CMBError, ConfigError
 from cmb.eval.run_files import folder_settings, member_digests
-from cmb.inference.candidates import candidate_point
+from cmb.inference.candidates import candidate_point, stage2_window
 from cmb.inference.unet_map import UNetMapConfig, ensemble_probability
 from cmb.layout import CNN_SCORES, FINAL, MIMICS, PAPER_MINING, STAGE1_HITS, STAGES, TRUTH, UNET_CANDIDATES, RunLayout, member_name
 from cmb.mixes import stage_draws
@@ -251,7 +251,7 @@ class Protocol:
                                               float(self.cfg.inference.unet_threshold), float(self.cfg.eval.match_radius_mm), out,
                                               self.layout.fold_folder(fold, TRUTH), self.timing,
                                               (mining_out, float(self.cfg.mining.threshold)) if mining_out else None,
-                                              self.context.candidate_point)
+                                              self.context.candidate_point, stage2_window(self.cfg) != "candidate")
 
     def cnn_scores(self, fold: int) -> None:
         """Every held-out U-Net candidate scored by the fold's CNNs (as infer.py does)."""
@@ -260,7 +260,8 @@ class Protocol:
         todo = [s for s in self.fold_split(fold)["test"] if not (out / f"{s}.csv").is_file()]
         if todo:
             detection.heldout_cnn_scores(todo, candidates, self.store.load, self.members("cnn", fold), bool(self.cfg.inference.cnn_tta),
-                                         self.device, out, self.timing, str(self.cfg.inference.get("score_fusion", "cnn")))
+                                         self.device, out, self.timing, str(self.cfg.inference.get("score_fusion", "cnn")),
+                                         stage2_window(self.cfg), float(self.cfg.eval.match_radius_mm))
 
     # ---------------------------------------------------------------- whole protocol
     def run_fold(self, fold: int | str) -> None:

@@ -30,8 +30,8 @@ from cmb.data.io import atomic_write_text, require_writable
 from cmb.errors import ConfigError, DataError
 from cmb.eval.run_files import folder_settings
 from cmb.inference.candidates import candidate_points, write_candidates
-from cmb.layout import CNN_SCORES, SETTINGS_FILE, TRUTH, UNET_CANDIDATES, MemberFiles, RunLayout
-from cmb.protocol.detection import hits_column, write_truth_file
+from cmb.layout import CNN_SCORES, TRUTH, UNET_CANDIDATES, MemberFiles, RunLayout
+from cmb.protocol.detection import fresh_output_folder, hits_column, write_truth_file
 from cmb.protocol.mining import scan_truth
 from cmb.protocol.scans import RunTiming
 
@@ -86,18 +86,18 @@ def score_run(cfg: DictConfig) -> dict[str, Any]:
     splits = {"seed": int(cfg.seed), "source": "transfer", "scan_ids": scan_ids, "folds": [{"fold": FOLD, "test": scan_ids}]}
     atomic_write_text(json.dumps(splits, indent=1), layout.splits)
     folders = {name: layout.fold_folder(FOLD, name) for name in (UNET_CANDIDATES, CNN_SCORES, TRUTH)}
-    for name in (UNET_CANDIDATES, CNN_SCORES):
+    for name in (UNET_CANDIDATES, CNN_SCORES):  # a resumed scoring keeps files of the same settings only (the scored run may have changed)
         folders[name].mkdir(parents=True, exist_ok=True)
-        atomic_write_text(json.dumps(folder_settings(tcfg, fold_dir, name), indent=1), folders[name] / SETTINGS_FILE)
+        fresh_output_folder(folders[name], folder_settings(tcfg, fold_dir, name))
     radius = float(tcfg.eval.match_radius_mm)
     timing = RunTiming(layout.timing)  # accumulated per scan: a resumed scoring keeps the time of the scans scored before
     for n, scan_id in enumerate(scan_ids, start=1):
         if all(layout.scan_file(FOLD, f, scan_id).is_file() for f in folders):
             continue
         scan, _, cands, scored, seconds = predictor.score_scan(dataset.load(scan_id))  # scan: on the scored run's working grid
-        hits = hits_column(candidate_points(cands), scan_truth(scan), radius)
-        write_candidates(cands, layout.scan_file(FOLD, UNET_CANDIDATES, scan_id), {"hits": hits})
-        write_candidates(scored, layout.scan_file(FOLD, CNN_SCORES, scan_id), {"hits": hits})
+        truth = scan_truth(scan)
+        write_candidates(cands, layout.scan_file(FOLD, UNET_CANDIDATES, scan_id), {"hits": hits_column(candidate_points(cands), truth, radius)})
+        write_candidates(scored, layout.scan_file(FOLD, CNN_SCORES, scan_id), {"hits": hits_column(candidate_points(scored), truth, radius)})
         write_truth_file(layout.scan_file(FOLD, TRUTH, scan_id), scan, FOLD)
         timing.add("preprocess", seconds["preprocess"])
         timing.add("stage1_inference", seconds["stage1"], "n_stage1_scans")
