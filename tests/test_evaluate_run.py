@@ -188,6 +188,12 @@ def _corrupt(run: Path, case: str) -> Path:
         row[header.index("hits")] = "7"
     elif case == "oof moved a candidate":  # to a point that is neither the candidate's nor its peak point
         row[header.index("i")] = "11.0"
+    elif case == "garbled stage-1 peak point":  # the peak points a max_far row may sit at are checked like positions
+        stage1_lines = stage1.read_text().splitlines()
+        stage1.write_text("\n".join([stage1_lines[0].replace(",hits", ",peak_i,peak_j,peak_k,hits"),
+                                     *(line.replace(line.rsplit(",", 1)[0], line.rsplit(",", 1)[0] + (",abc,1,1" if n == 0 else ",1,1,1"))
+                                       for n, line in enumerate(stage1_lines[1:]))]) + "\n")
+        return stage1
     elif case == "oof misses a candidate":
         lines = lines[:-1]
         oof.write_text("\n".join(lines) + "\n")
@@ -208,7 +214,7 @@ def _corrupt(run: Path, case: str) -> Path:
 
 
 BAD_CASES = ["missing oof", "empty oof", "truncated oof", "garbage stage1", "garbage truth", "missing truth", "non-numeric score",
-             "NaN score", "score above 1", "hits a CMB that does not exist", "oof moved a candidate", "oof misses a candidate",
+             "NaN score", "score above 1", "hits a CMB that does not exist", "oof moved a candidate", "garbled stage-1 peak point", "oof misses a candidate",
              "written before settings were recorded", "other stage-1 threshold", "a member retrained since"]
 
 

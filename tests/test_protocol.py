@@ -979,14 +979,14 @@ def test_out_of_fold_max_far_files_carry_peak_points_and_score_hits_at_the_windo
     (cand,), rows = read_candidates(stage1 / "s.csv")
     assert cand.i > 13 and rows[0]["hits"] == ""  # stage 1 at the centroid, in the vein: a miss
     np.testing.assert_allclose(cand.peak_point, (10, 15, 15), atol=1e-6)
-    heldout_cnn_scores(["s"], stage1, lambda _: (scan, pre), [CentreDarkness()], False, "cpu", scored, timing, "cnn", "max_far", 2.5)
+    heldout_cnn_scores(["s"], stage1, lambda _: (scan, pre), [CentreDarkness()], False, "cpu", scored, timing, 2.5, "cnn", "max_far")
     (moved,), rows = read_candidates(scored / "s.csv")
     np.testing.assert_allclose(moved.voxel, (10, 15, 15), atol=1e-6)
     assert rows[0]["hits"] == "0" and moved.score > 0.99 and moved.peak == cand.peak
-    heldout_cnn_scores(["s"], stage1, lambda _: (scan, pre), [CentreDarkness()], False, "cpu", scored, timing, "cnn", "candidate", 2.5)
+    heldout_cnn_scores(["s"], stage1, lambda _: (scan, pre), [CentreDarkness()], False, "cpu", scored, timing, 2.5, "cnn", "candidate")
     (kept,), rows = read_candidates(scored / "s.csv")
     assert kept.voxel.tolist() == cand.voxel.tolist() and rows[0]["hits"] == "" and kept.score == pytest.approx(0.5)  # a plain 0.5 window
     heldout_unet_candidates(["s"], 0, lambda _: (scan, pre), lambda _: prob, 0.2, 2.5, stage1, truth, timing)  # no peak points
     with pytest.raises(DataError, match="no peak points") as err:
-        heldout_cnn_scores(["s"], stage1, lambda _: (scan, pre), [CentreDarkness()], False, "cpu", scored, timing, "cnn", "max_far", 2.5)
+        heldout_cnn_scores(["s"], stage1, lambda _: (scan, pre), [CentreDarkness()], False, "cpu", scored, timing, 2.5, "cnn", "max_far")
     assert str(stage1 / "s.csv") in str(err.value)

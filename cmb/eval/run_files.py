@@ -20,7 +20,7 @@ import numpy as np
 
 from cmb.errors import DataError
 from cmb.eval.matching import assign
-from cmb.inference.candidates import candidate_point, point_description, read_candidates, stage2_window
+from cmb.inference.candidates import PEAK_POINT_COLUMNS, candidate_point, point_description, stage2_window
 from cmb.layout import CNN_SCORES, FOLDER_MEMBERS, MIMICS, PAPER_MINING, SETTINGS_FILE, STAGE1_HITS, TRUTH, UNET_CANDIDATES, RunLayout
 
 POSITION_COLUMNS = ("i", "j", "k")
@@ -76,11 +76,13 @@ def folder_settings(cfg: Any, fold_dir: Path, folder: str, members: dict[str, st
 
 @dataclass
 class StageDetections:
-    """One scan's detections of one stage: scores (N,), canonical voxel positions (N, 3), matching status (N,)."""
+    """One scan's detections of one stage: scores (N,), canonical voxel positions (N, 3), matching status (N,),
+    and the components' peak points (N, 3) where the file has them (`PEAK_POINT_COLUMNS`), else None."""
 
     scores: np.ndarray
     points: np.ndarray
     status: np.ndarray
+    peak_points: np.ndarray | None = None
 
 
 @dataclass
@@ -129,8 +131,9 @@ def _number(text: str | None, path: Path, line: int, column: str) -> float:
     return value
 
 
-def read_detections(path: Path, score_column: str, n_cmbs: int) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
-    """(scores (N,), positions (N, 3) canonical voxels, hits per detection) of one candidates CSV.
+def read_detections(path: Path, score_column: str, n_cmbs: int) -> tuple[np.ndarray, np.ndarray, list[list[int]], np.ndarray | None]:
+    """(scores (N,), positions (N, 3) canonical voxels, hits per detection, peak points (N, 3) voxels or None
+    where the file has no `PEAK_POINT_COLUMNS`) of one candidates CSV.
 
     Scores must lie in [0, 1]; `hits` entries (';'-separated CMB indices) must name CMBs
     0..n_cmbs-1 of the scan's truth. A header without rows is a scan without candidates.
@@ -149,8 +152,9 @@ def read_detections(path: Path, score_column: str, n_cmbs: int) -> tuple[np.ndar
     missing = [c for c in needed if c not in header]
     if missing:
         raise DataError(path, f"not a candidates file: missing column(s) {', '.join(missing)}")
-    index = {c: header.index(c) for c in needed}
-    scores, points, hits = [], [], []
+    peak_columns = list(PEAK_POINT_COLUMNS) if all(c in header for c in PEAK_POINT_COLUMNS) else []
+    index = {c: header.index(c) for c in [*needed, *peak_columns]}
+    scores, points, hits, peak_points = [], [], [], []
     for line, row in enumerate(reader, start=2):
         if not row:
             continue
@@ -161,6 +165,7 @@ def read_detections(path: Path, score_column: str, n_cmbs: int) -> tuple[np.ndar
             raise DataError(path, f"line {line}: {score_column} {score} is outside [0, 1]")
         scores.append(score)
         points.append([_number(row[index[c]], path, line, c) for c in POSITION_COLUMNS])
+        peak_points.append([_number(row[index[c]], path, line, c) for c in peak_columns])
         found = []
         for part in row[index["hits"]].split(";"):
             if part == "":
@@ -169,7 +174,8 @@ def read_detections(path: Path, score_column: str, n_cmbs: int) -> tuple[np.ndar
                 raise DataError(path, f"line {line}: hits names CMB {part!r}, but the scan's truth has {n_cmbs} CMB(s) (0..{n_cmbs - 1})")
             found.append(int(part))
         hits.append(found)
-    return np.array(scores, dtype=float), np.array(points, dtype=float).reshape(-1, 3), hits
+    return (np.array(scores, dtype=float), np.array(points, dtype=float).reshape(-1, 3), hits,
+            np.array(peak_points, dtype=float).reshape(-1, 3) if peak_columns else None)
 
 
 def check_settings(folder: Path, expected: dict[str, Any] | None) -> None:
@@ -197,21 +203,18 @@ def check_settings(folder: Path, expected: dict[str, Any] | None) -> None:
                                 "re-run `python train.py` with the run's settings to recompute them")
 
 
-def scores_the_candidates(scored_points: np.ndarray, candidate_points: np.ndarray, candidates: Path) -> bool:
+def scores_the_candidates(scored_points: np.ndarray, stage1: StageDetections) -> bool:
     """Whether each row of a cnn_scores file ((N, 3) voxels) lies at its stage-1 candidate's point or, where stage 2
-    took the peak window (`inference.stage2_window=max_far`), at that candidate's peak point in `candidates`."""
-    moved = ~np.all(np.isclose(scored_points, candidate_points), axis=1)
+    took the peak window (`inference.stage2_window=max_far`), at that candidate's peak point."""
+    moved = ~np.all(np.isclose(scored_points, stage1.points), axis=1)
     if not moved.any():
         return True
-    peak_points = [c.peak_point for c in read_candidates(candidates)[0]]
-    if any(peak_points[n] is None for n in np.flatnonzero(moved)):
-        return False
-    return bool(np.allclose(scored_points[moved], np.array([peak_points[n] for n in np.flatnonzero(moved)], dtype=float)))
+    return stage1.peak_points is not None and bool(np.allclose(scored_points[moved], stage1.peak_points[moved]))
 
 
 def _stage(path: Path, score_column: str, n_cmbs: int) -> StageDetections:
-    scores, points, hits = read_detections(path, score_column, n_cmbs)
-    return StageDetections(scores, points, assign(scores, hits, points))
+    scores, points, hits, peak_points = read_detections(path, score_column, n_cmbs)
+    return StageDetections(scores, points, assign(scores, hits, points), peak_points)
 
 
 def read_run(run_dir: Path, splits: dict, cfg: Any | None = None) -> list[ScanRecord]:
@@ -228,7 +231,7 @@ def read_run(run_dir: Path, splits: dict, cfg: Any | None = None) -> list[ScanRe
             candidates, scored = layout.scan_file(k, UNET_CANDIDATES, scan_id), layout.scan_file(k, CNN_SCORES, scan_id)
             stage1 = _stage(candidates, "peak", n_cmbs)
             two_stage = _stage(scored, "score", n_cmbs)
-            if len(two_stage.scores) != len(stage1.scores) or not scores_the_candidates(two_stage.points, stage1.points, candidates):
+            if len(two_stage.scores) != len(stage1.scores) or not scores_the_candidates(two_stage.points, stage1):
                 raise DataError(scored, f"does not score the {len(stage1.scores)} stage-1 candidates of {candidates}; delete it and "
                                 "re-run train.py to recompute it")
             records.append(ScanRecord(scan_id, int(fold["fold"]), n_cmbs, diameters, stage1, two_stage))

@@ -88,8 +88,8 @@ def heldout_unet_candidates(scan_ids: list[str], fold: int, load: Callable[[str]
 
 
 def heldout_cnn_scores(scan_ids: list[str], candidates: Path, load: Callable[[str], tuple[Scan, Preprocessed]], nets: list[nn.Module],
-                       tta: bool, device: str, out: Path, timing: RunTiming, fusion: str = "cnn", window: str = "candidate",
-                       match_radius_mm: float = 0.0) -> None:
+                       tta: bool, device: str, out: Path, timing: RunTiming, match_radius_mm: float, fusion: str = "cnn",
+                       window: str = "candidate") -> None:
     """`out/<scan>.csv`: every candidate of `candidates/<scan>.csv` with its detection score (the CNN ensemble's,
     fused with the stage-1 peak by `fusion`, looking where `window` says; cmb.inference.cnn_scores), at the point
     of the window scored, and the CMBs that point hits within `match_radius_mm` (also the `max_far` distance)."""

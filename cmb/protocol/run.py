@@ -260,8 +260,8 @@ class Protocol:
         todo = [s for s in self.fold_split(fold)["test"] if not (out / f"{s}.csv").is_file()]
         if todo:
             detection.heldout_cnn_scores(todo, candidates, self.store.load, self.members("cnn", fold), bool(self.cfg.inference.cnn_tta),
-                                         self.device, out, self.timing, str(self.cfg.inference.get("score_fusion", "cnn")),
-                                         stage2_window(self.cfg), float(self.cfg.eval.match_radius_mm))
+                                         self.device, out, self.timing, float(self.cfg.eval.match_radius_mm),
+                                         str(self.cfg.inference.get("score_fusion", "cnn")), stage2_window(self.cfg))
 
     # ---------------------------------------------------------------- whole protocol
     def run_fold(self, fold: int | str) -> None:
