@@ -122,6 +122,10 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="also write the table as JSON")
     args = parser.parse_args()
+    for run in args.runs:  # before any work: a run still training (or not a run) is named, not a traceback half-way through the table
+        missing = [f.name for f in (RunLayout(run).results, RunLayout(run).splits, run / "config.yaml") if not f.is_file()]
+        if missing:
+            parser.error(f"{run}: not a finished LOTCV run (no {', '.join(missing)})")
     table = []
     print("| run | points | stage 1 at its threshold | CPM | nested sensitivity (TP/CMBs) at FP/scan | stage-2 keep rate there |")
     print("|---|---|---|---|---|---|")

@@ -513,6 +513,17 @@ def test_two_point_variants_take_the_peak_window_only_where_they_say() -> None:
         pick(centroid, peak, c_score, p_score, (1.0, 1.0, 2.0), "mean", 2.5)
 
 
+def test_the_two_point_benchmark_refuses_an_unfinished_run_before_any_work(tmp_path: Path) -> None:
+    running = tmp_path / "running"
+    (running / "fold_0").mkdir(parents=True)
+    (running / "config.yaml").write_text("name: running\n")
+    (running / "splits.json").write_text("{}")
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "stage2_points.py"), str(running), "--out", str(tmp_path / "p.json")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and f"{running}: not a finished LOTCV run (no results.json)" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "p.json").exists() and "| run |" not in out.stdout
+
+
 @pytest.mark.slow
 def test_the_two_point_benchmark_reproduces_the_run_at_its_own_points(finished_run: Path, tmp_path: Path,
                                                                        tiny_synthetic_module: Path) -> None:
