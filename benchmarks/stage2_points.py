@@ -36,7 +36,8 @@ from cmb import user_cache_dir
 from cmb.conf_utils import dataset_from_run_config
 from cmb.data.io import vox_to_mm
 from cmb.data.preprocess import preprocess_on_working_grid
-from cmb.eval.evaluate import evaluate_run, load_splits
+from cmb.errors import DataError
+from cmb.eval.evaluate import evaluate_run, load_run_config, load_splits
 from cmb.eval.run_files import folder_settings
 from cmb.inference.candidates import Candidate, candidate_points, extract_candidates, stage2_window, write_candidates
 from cmb.inference.cnn_scores import lies_far, score_candidates
@@ -67,7 +68,7 @@ def pick_points(centroid: np.ndarray, peak: np.ndarray, centroid_score: np.ndarr
 
 def two_point_scores(run: Path) -> tuple[dict, dict[tuple[int, str], dict]]:
     """The run's config and, per (fold, held-out scan), both points and both detection scores (the CNNs', fused as the run fuses them) of every stage-1 component."""
-    cfg = OmegaConf.load(run / "config.yaml")
+    cfg = load_run_config(run)
     dataset = dataset_from_run_config(cfg.data, run / "config.yaml")  # allow-listed readers only: a run folder is data
     cache_dir = cfg.data.get("cache_dir") or user_cache_dir()
     out: dict[tuple[int, str], dict] = {}
@@ -123,9 +124,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the table as JSON")
     args = parser.parse_args()
     for run in args.runs:  # before any work: a run still training (or not a run) is named, not a traceback half-way through the table
-        missing = [f.name for f in (RunLayout(run).results, RunLayout(run).splits, run / "config.yaml") if not f.is_file()]
-        if missing:
-            parser.error(f"{run}: not a finished LOTCV run (no {', '.join(missing)})")
+        if not RunLayout(run).results.is_file():
+            parser.error(f"{run}: not a finished LOTCV run (no results.json)")
+        try:
+            load_run_config(run), load_splits(run)  # the evaluation's own checks of a run folder
+        except DataError as err:
+            parser.error(str(err))
     table = []
     print("| run | points | stage 1 at its threshold | CPM | nested sensitivity (TP/CMBs) at FP/scan | stage-2 keep rate there |")
     print("|---|---|---|---|---|---|")
