@@ -346,3 +346,41 @@ def test_stage2_window_is_checked_at_the_door_and_enters_the_detection_stamps_bu
         assert candidate_settings(far, folder)["stage2_window"] == "max_far"
     for folder in (MIMICS, PAPER_MINING):
         assert candidate_settings(candidate, folder) == candidate_settings(far, folder)
+
+
+def _cmb_beside_vein(gap_vox: float) -> np.ndarray:
+    """A CMB-like Gaussian blob (peak 1.0 at (20, 14, 10), sigma 1.5 voxels) and a vein-like tube along i
+    (peak 0.85 at j = 14 + gap_vox, sigma 1.2), as a U-Net map (I, J, K) = (40, 40, 20)."""
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in (40, 40, 20)], indexing="ij"), -1).astype(float)
+    blob = np.exp(-np.sum((grid - [20, 14, 10]) ** 2, -1) / (2 * 1.5**2))
+    tube = 0.85 * np.exp(-((grid[..., 1] - 14 - gap_vox) ** 2 + (grid[..., 2] - 10) ** 2) / (2 * 1.2**2)) * ((grid[..., 0] > 5) & (grid[..., 0] < 35))
+    return np.maximum(blob, tube).astype(np.float32)
+
+
+def test_split_dynamic_cuts_a_cmb_from_the_vein_it_joins_and_keeps_single_peaks_whole() -> None:
+    prob = _cmb_beside_vein(4.5)  # the pass between blob and tube is ~0.41: one component at 0.2
+    (whole,) = extract_candidates(prob, 0.2, np.eye(4), "s", with_peak_point=True)
+    assert np.linalg.norm(whole.voxel - (20, 14, 10)) > 3  # the centroid is dragged towards the vein
+    for h in (0.05, 0.2):
+        cut = extract_candidates(prob, 0.2, np.eye(4), "s", with_peak_point=True, split_dynamic=h)
+        assert len(cut) == 2
+        cmb, vein = cut  # highest peak first
+        np.testing.assert_allclose(cmb.voxel, (20, 14, 10), atol=0.3)  # the CMB's part is centred on it
+        assert cmb.peak == pytest.approx(1.0) and vein.j == pytest.approx(18.5, abs=0.3)
+        assert cmb.size + vein.size == whole.size  # the parts tile the component
+        np.testing.assert_allclose(cmb.peak_point, (20, 14, 10), atol=0.3)
+    # a dynamic larger than the vein's rise above the pass (0.85 - 0.41): nothing to cut
+    (kept,) = extract_candidates(prob, 0.2, np.eye(4), "s", split_dynamic=0.5)
+    assert kept == whole
+    # apart, the two are two components with or without the option, and the parts are the same
+    apart = _cmb_beside_vein(8.0)
+    assert extract_candidates(apart, 0.2, np.eye(4), "s", split_dynamic=0.1) == extract_candidates(apart, 0.2, np.eye(4), "s")
+    # a saturated plateau (a large CMB at 1.0) and a blob with a faint shoulder of its own component stay one candidate each
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in (40, 40, 20)], indexing="ij"), -1).astype(float)
+    plateau = np.clip(2 * np.exp(-np.sum((grid - [20, 20, 10]) ** 2, -1) / (2 * 3.0**2)), 0, 1).astype(np.float32)
+    assert len(extract_candidates(plateau, 0.2, np.eye(4), "s", split_dynamic=0.05)) == 1
+    shoulder = plateau.copy()
+    shoulder[26, 20, 10] = 0.52  # a bump on the slope, 0.02 above its pass (0.50 at i = 25)
+    assert len(extract_candidates(shoulder, 0.2, np.eye(4), "s", split_dynamic=0.05)) == 1
+    assert len(extract_candidates(shoulder, 0.2, np.eye(4), "s", split_dynamic=0.01)) == 2  # a smaller dynamic cuts it off
+    assert len(extract_candidates(np.zeros((8, 8, 8), np.float32), 0.2, np.eye(4), "s", split_dynamic=0.1)) == 0
