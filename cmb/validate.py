@@ -113,7 +113,6 @@ def check_train(cfg: DictConfig) -> None:
     one_of(cfg, "inference.score_fusion", SCORE_FUSIONS)
     one_of(cfg, "inference.candidate_point", CANDIDATE_POINTS)
     one_of(cfg, "inference.stage2_window", STAGE2_WINDOWS)
-    probability(cfg, "inference.split_dynamic", allow_none=True, open_low=True)
     one_of(cfg, "mining.mode", MINING_MODES)
     positive_number(cfg, "eval.target_fp_per_scan")
     positive_number(cfg, "eval.match_radius_mm")

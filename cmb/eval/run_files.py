@@ -20,22 +20,17 @@ import numpy as np
 
 from cmb.errors import DataError
 from cmb.eval.matching import assign
-from cmb.inference.candidates import PEAK_POINT_COLUMNS, candidate_point, point_description, split_dynamic, stage2_window
+from cmb.inference.candidates import PEAK_POINT_COLUMNS, candidate_point, point_description, stage2_window
 from cmb.layout import CNN_SCORES, FOLDER_MEMBERS, MIMICS, PAPER_MINING, SETTINGS_FILE, STAGE1_HITS, TRUTH, UNET_CANDIDATES, RunLayout
 
 POSITION_COLUMNS = ("i", "j", "k")
 CANDIDATE_DEFINITION = "26-connected components of the combined stage-1 map >= unet_threshold, score-weighted centroid, peak"
 
 
-def candidate_definition(cfg: Any, deployed: bool = True) -> str:
-    """`CANDIDATE_DEFINITION` with the run's `inference.candidate_point` and, for the candidates a run deploys
-    (`deployed`; mining keeps whole components), its `inference.split_dynamic` (both unchanged at the default,
-    so out-of-fold files stamped before the options stay valid)."""
-    text = CANDIDATE_DEFINITION.replace("score-weighted centroid", point_description(candidate_point(cfg)))
-    dynamic = split_dynamic(cfg)
-    if deployed and dynamic is not None:
-        text = text.replace(">= unet_threshold", f">= unet_threshold, each cut along the watershed lines between its peaks of dynamic >= {dynamic:g}")
-    return text
+def candidate_definition(cfg: Any) -> str:
+    """`CANDIDATE_DEFINITION` with the run's `inference.candidate_point` (unchanged at the default, so out-of-fold
+    files stamped before the option stay valid)."""
+    return CANDIDATE_DEFINITION.replace("score-weighted centroid", point_description(candidate_point(cfg)))
 
 
 def candidate_settings(cfg: Any, folder: str) -> dict[str, Any]:
@@ -48,7 +43,7 @@ def candidate_settings(cfg: Any, folder: str) -> dict[str, Any]:
         max_scans = cfg.mining.get("max_scans")
         return {"mining": {"mode": str(cfg.mining.mode), "threshold": float(cfg.mining.threshold),
                            "max_scans": None if max_scans is None else int(max_scans)},
-                **stage1_map, "candidates": candidate_definition(cfg, deployed=False).replace("unet_threshold", "mining.threshold")}
+                **stage1_map, "candidates": candidate_definition(cfg).replace("unet_threshold", "mining.threshold")}
     settings: dict[str, Any] = {"unet_threshold": float(inf.unet_threshold), **stage1_map, "candidates": candidate_definition(cfg)}
     window = stage2_window(cfg)
     if window != "candidate" and folder in (UNET_CANDIDATES, CNN_SCORES):  # left out at the default: files stamped before the option stay valid

@@ -10,9 +10,6 @@ at its score-weighted centroid (`centroid`), or at the score-weighted centroid o
 keeps its point on the CMB instead of between the two). With `with_peak_point`, each candidate also carries
 the `peak` point (`Candidate.peak_point`, written as the columns `PEAK_POINT_COLUMNS`), where stage 2 looks
 too when `inference.stage2_window=max_far` (cmb.inference.cnn_scores.score_candidates).
-With `inference.split_dynamic` set, the candidates that out-of-fold detection and `infer.py` deploy are the parts
-of each component cut along the watershed lines between its peaks (`split_at_saddles`), so a CMB joined to a
-vein above threshold is a candidate of its own; mimic mining and the hard-negative round keep whole components.
 """
 
 from __future__ import annotations
@@ -23,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage
 
 from cmb.data.io import CONNECTIVITY_26, vox_to_mm
@@ -71,58 +67,18 @@ def stage2_window(cfg: Any) -> str:
     return str(cfg.inference.get("stage2_window", "candidate"))
 
 
-def split_dynamic(cfg: Any) -> float | None:
-    """A run's `inference.split_dynamic` (None, whole components, for a run made before the option)."""
-    value = cfg.inference.get("split_dynamic")
-    return None if value is None else float(value)
-
-
 def point_description(point: str = "centroid") -> str:
     """How a candidate is placed, in words (the out-of-fold files' stamp and results.json)."""
     return {"centroid": "score-weighted centroid", "peak": "score-weighted centroid of the 3x3x3 voxels about its peak"}[point]
 
 
-def split_at_saddles(prob: np.ndarray, labels: np.ndarray, n: int, dynamic: float) -> tuple[np.ndarray, int]:
-    """`labels` (I, J, K; components 1..n of a thresholded `prob`) with each component that holds two or more
-    h-maxima of `prob` (h = `dynamic`: peaks that rise at least `dynamic` above the lowest pass to any higher
-    peak) cut along the watershed lines between them: (labels of the parts 1..m, m). A component with one
-    h-maximum, or none of its own (a faint shoulder of a higher one elsewhere), stays whole.
-
-    SimpleITK's h-maxima (grey reconstruction, Vincent 1993) and marker watershed (Beucher & Meyer 1993) do the
-    morphology; only the box around the components is processed."""
-    if n == 0:
-        return labels, 0
-    box = tuple(slice(max(int(a.min()) - 1, 0), int(a.max()) + 2) for a in np.nonzero(labels))
-    sub_prob, sub_labels = np.ascontiguousarray(prob[box], dtype=np.float32), labels[box]
-    tops = sitk.RegionalMaxima(sitk.HMaxima(sitk.GetImageFromArray(sub_prob), float(dynamic)), backgroundValue=0,
-                               foregroundValue=1, fullyConnected=True)
-    markers, _ = ndimage.label(sitk.GetArrayFromImage(tops).astype(bool) & (sub_labels > 0), structure=CONNECTIVITY_26)
-    basins = sitk.GetArrayFromImage(sitk.MorphologicalWatershedFromMarkers(
-        sitk.GetImageFromArray(1.0 - sub_prob), sitk.GetImageFromArray(markers.astype(np.uint32)), markWatershedLine=False,
-        fullyConnected=True)).astype(np.int64)
-    inside = sub_labels > 0
-    tops_per_component = np.zeros(n + 1, dtype=np.int64)
-    pairs = np.unique(np.stack([sub_labels[markers > 0], markers[markers > 0]]), axis=1)
-    np.add.at(tops_per_component, pairs[0], 1)
-    split = inside & (tops_per_component[sub_labels] >= 2)
-    key = sub_labels.astype(np.int64) * (int(markers.max()) + 1) + np.where(split, basins, 0)
-    parts = np.zeros(labels.shape, dtype=np.int64)
-    _, parts[box][inside] = np.unique(key[inside], return_inverse=True)
-    parts[box][inside] += 1
-    return parts, int(parts.max())
-
-
 def extract_candidates(prob: np.ndarray, threshold: float, affine: np.ndarray, scan_id: str = "", min_size: int = 1,
-                       point: str = "centroid", with_peak_point: bool = False, split_dynamic: float | None = None) -> list[Candidate]:
+                       point: str = "centroid", with_peak_point: bool = False) -> list[Candidate]:
     """Components (26-connected) of `prob >= threshold` (prob: float (I, J, K)), highest peak first, each placed
-    by `point` (`CANDIDATE_POINTS`; voxels); `with_peak_point`: each also carries its `peak` point (`peak_point`).
-    `split_dynamic` (`inference.split_dynamic`): each component cut between its peaks of at least that dynamic
-    (`split_at_saddles`), each part a candidate; None: whole components."""
+    by `point` (`CANDIDATE_POINTS`; voxels); `with_peak_point`: each also carries its `peak` point (`peak_point`)."""
     if point not in CANDIDATE_POINTS:
         raise ValueError(f"point must be one of {CANDIDATE_POINTS}, got {point!r}")
     labels, n = ndimage.label(prob >= threshold, structure=CONNECTIVITY_26)
-    if split_dynamic is not None:
-        labels, n = split_at_saddles(prob, labels, n, split_dynamic)
     if n == 0:
         return []
     # statistics from the labelled voxels only: ndimage.center_of_mass & co. sweep the whole

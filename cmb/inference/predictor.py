@@ -29,7 +29,7 @@ from cmb.data.resample import to_native_grid
 from cmb.data.scan import Scan
 from cmb.errors import ConfigError, DataError
 from cmb.eval.matching import detection_order
-from cmb.inference.candidates import Candidate, candidate_point, candidate_points, extract_candidates, split_dynamic, stage2_window
+from cmb.inference.candidates import Candidate, candidate_point, candidate_points, extract_candidates, stage2_window
 from cmb.inference.unet_map import UNetMapConfig, ensemble_probability
 from cmb.inference.cnn_scores import score_candidates
 from cmb.layout import FINAL, MemberFiles, RunLayout, member_name
@@ -129,7 +129,6 @@ class Predictor:
         self.unet_threshold = float(self.run_cfg.inference.unet_threshold)
         self.candidate_point = candidate_point(self.run_cfg)  # as the run's out-of-fold candidates were placed
         self.stage2_window = stage2_window(self.run_cfg)  # and scored
-        self.split_dynamic = split_dynamic(self.run_cfg)  # and cut
         self.far_mm = float(self.run_cfg.eval.match_radius_mm)  # the max_far distance
         self.cache_dir = cache_dir
 
@@ -160,7 +159,7 @@ class Predictor:
         image, mask = np.asarray(pre.image), np.asarray(pre.mask)
         prob = ensemble_probability(self.unets, image, mask, self.unet_cfg, str(self.run_cfg.inference.ensemble_normalize), self.device)
         cands = extract_candidates(prob, self.unet_threshold, scan.affine, scan.scan_id, point=self.candidate_point,
-                                   with_peak_point=self.stage2_window != "candidate", split_dynamic=self.split_dynamic)
+                                   with_peak_point=self.stage2_window != "candidate")
         t2 = time.perf_counter()
         scored = score_candidates(self.cnns, image, cands, tta=bool(self.run_cfg.inference.cnn_tta), device=self.device,
                                   fusion=str(self.run_cfg.inference.get("score_fusion", "cnn")), window=self.stage2_window,

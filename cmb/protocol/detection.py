@@ -66,18 +66,16 @@ def fresh_output_folder(out: Path, settings: dict[str, Any]) -> Path:
 def heldout_unet_candidates(scan_ids: list[str], fold: int, load: Callable[[str], tuple[Scan, Preprocessed]],
                             unet_map: Callable[[Preprocessed], np.ndarray], threshold: float, match_radius_mm: float,
                             out: Path, truth_dir: Path, timing: RunTiming,
-                            mining: tuple[Path, float] | None = None, point: str = "centroid", with_peak_point: bool = False,
-                            split: float | None = None) -> None:
+                            mining: tuple[Path, float] | None = None, point: str = "centroid", with_peak_point: bool = False) -> None:
     """`out/<scan>.csv` for each held-out scan: components of the combined map >= `threshold` and the CMBs
     they hit; `truth_dir/<scan>.json`. `mining` (folder, threshold): also the components at the mining
     threshold (mining.mode=paper). `point`: where each candidate is placed (`inference.candidate_point`);
-    `with_peak_point`: each also carries its peak point (for `inference.stage2_window=max_far`); `split`: components cut
-    between their peaks of that dynamic (`inference.split_dynamic`; the mining pool stays whole components)."""
+    `with_peak_point`: each also carries its peak point (for `inference.stage2_window=max_far`)."""
     for scan_id in scan_ids:
         scan, pre = load(scan_id)
         t = time.perf_counter()
         prob = unet_map(pre)
-        cands = extract_candidates(prob, threshold, scan.affine, scan_id, point=point, with_peak_point=with_peak_point, split_dynamic=split)
+        cands = extract_candidates(prob, threshold, scan.affine, scan_id, point=point, with_peak_point=with_peak_point)
         timing.add("stage1_inference", time.perf_counter() - t, "n_stage1_scans")
         points = candidate_points(cands)
         write_candidates(cands, out / f"{scan_id}.csv", {"hits": hits_column(points, scan_truth(scan), match_radius_mm)})

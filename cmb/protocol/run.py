@@ -25,7 +25,7 @@ from cmb.data.readers import ScanDataset
 from cmb.data.splits import make_or_load_splits, select_fold
 from cmb.errors import CMBError, ConfigError
 from cmb.eval.run_files import folder_settings, member_digests
-from cmb.inference.candidates import candidate_point, split_dynamic, stage2_window
+from cmb.inference.candidates import candidate_point, stage2_window
 from cmb.inference.unet_map import UNetMapConfig, ensemble_probability
 from cmb.layout import CNN_SCORES, FINAL, MIMICS, PAPER_MINING, STAGE1_HITS, STAGES, TRUTH, UNET_CANDIDATES, RunLayout, member_name
 from cmb.mixes import stage_draws
@@ -251,7 +251,7 @@ class Protocol:
                                               float(self.cfg.inference.unet_threshold), float(self.cfg.eval.match_radius_mm), out,
                                               self.layout.fold_folder(fold, TRUTH), self.timing,
                                               (mining_out, float(self.cfg.mining.threshold)) if mining_out else None,
-                                              self.context.candidate_point, stage2_window(self.cfg) != "candidate", split_dynamic(self.cfg))
+                                              self.context.candidate_point, stage2_window(self.cfg) != "candidate")
 
     def cnn_scores(self, fold: int) -> None:
         """Every held-out U-Net candidate scored by the fold's CNNs (as infer.py does)."""
