@@ -31,8 +31,10 @@ def main(cfg: DictConfig) -> None:
     from cmb.data.io import input_id, require_writable
     from cmb.inference.predictor import Predictor, list_inputs, output_paths, write_output_index, write_outputs
 
-    files = list_inputs(cfg.input)
     out_dir = Path(cfg.output)
+    if out_dir.resolve().is_relative_to(Path(cfg.model_dir).resolve()):  # detections would mix with the run's own files
+        raise ConfigError(f"output={cfg.output} lies inside the run folder model_dir={cfg.model_dir}: choose an output folder outside it")
+    files = list_inputs(cfg.input)
     require_writable(out_dir, "output folder")
     require_cache_folder(cfg)
     if not cfg.overwrite:

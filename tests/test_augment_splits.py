@@ -181,6 +181,15 @@ def test_splits_file_written_reused_and_checked(tmp_path: Path) -> None:
         user.write_text(json.dumps(content))  # "ab" used to be read as the scans "a" and "b"
         with pytest.raises(DataError, match=message):
             make_or_load_splits(tmp_path / "fourth", ids, seed=0, splits_file=user)
+    user.write_bytes(b"\x1f\x8b\x08\x00 not text")  # a gzipped file given as the splits file: before, a UnicodeDecodeError
+    with pytest.raises(DataError, match=r"mine.json: splits file is not valid JSON \(UnicodeDecodeError"):
+        make_or_load_splits(tmp_path / "fifth", ids, seed=0, splits_file=user)
+    (tmp_path / "splits.json").write_text("{garbled")  # the run folder's own file, damaged: before, a JSONDecodeError
+    with pytest.raises(DataError, match=r"splits.json: the run folder's splits.json is not valid JSON \(JSONDecodeError"):
+        make_or_load_splits(tmp_path, ids, seed=0)
+    (tmp_path / "splits.json").write_text("[1, 2]")  # valid JSON, not a splits object: before, an AttributeError
+    with pytest.raises(DataError, match="already has different splits"):
+        make_or_load_splits(tmp_path, ids, seed=0)
 
 
 def test_vessel_negatives_are_dark_lines_in_bright_tissue_not_dark_nuclei() -> None:

@@ -160,6 +160,20 @@ def test_annotation_rows_that_cannot_be_cmbs(tmp_path: Path, rows: str, match: s
         NiftiDataset(tmp_path).load("x")
 
 
+@pytest.mark.parametrize("content, match", [
+    (b"\x1f\x8b\x08\x00 gzipped", r"annotations are not UTF-8 text \(invalid start byte at byte 1\): save them as CSV"),
+    ("scan_id,i,j,k\nx,10,11,12 # J\xf6rg\n".encode("latin-1"), r"annotations are not UTF-8 text"),  # a Latin-1 export
+    (b"scan_id,i,j,k\nx,10,11,12" + b"7" * 200_000 + b"\n", r"annotations are not a readable CSV file \(field larger than field limit"),
+])
+def test_an_annotations_file_that_is_not_csv_text_is_refused(tmp_path: Path, content: bytes, match: str) -> None:
+    """Before: a UnicodeDecodeError or csv.Error traceback."""
+    image, _ = make_volume(0, [])
+    save(image, tmp_path / "images" / "x.nii.gz")
+    (tmp_path / "annotations.csv").write_bytes(content)
+    with pytest.raises(DataError, match=r"annotations\.csv: " + match):
+        NiftiDataset(tmp_path)
+
+
 def test_one_cmb_marked_twice_is_refused_and_two_close_cmbs_are_not(tmp_path: Path) -> None:
     """Centres 0.9 mm apart (one slice) are one CMB marked twice; 2.7 mm apart are two CMBs."""
     image, _ = make_volume(0, [])
@@ -296,6 +310,30 @@ def test_singular_affine_and_unknown_voxel_size_are_refused(tmp_path: Path) -> N
     nib.save(nib.Nifti1Image(data, None, header=_raw_header(None, (0.5, 0.5, 1.0))), str(path))
     _, affine = load_volume(path)
     np.testing.assert_allclose(np.abs(np.diag(affine))[:3], [0.5, 0.5, 1.0])
+
+
+def test_header_units_are_converted_to_mm_and_implausible_voxel_sizes_refused(tmp_path: Path, caplog) -> None:
+    # nibabel gives the affine in the header's spatial units: a scan saved in meters read as mm would have
+    # 0.5 um voxels, and every distance (match radius, working grid, CMB size) would be off by 1000
+    image, labels = make_volume(0, [(20, 20, 10)])
+    for unit, scale in (("meter", 1e-3), ("micron", 1e3)):
+        root = tmp_path / unit
+        for sub, data in (("images", image), ("labels", labels)):
+            img = nib.Nifti1Image(data, np.diag([0.5 * scale, 0.5 * scale, 1.0 * scale, 1.0]))
+            img.header.set_xyzt_units(unit)
+            (root / sub).mkdir(parents=True)
+            nib.save(img, root / sub / "x.nii.gz")
+        with caplog.at_level("WARNING"):
+            scan = NiftiDataset(root).load("x")
+        np.testing.assert_allclose(scan.spacing_mm, (0.5, 0.5, 1.0), rtol=1e-5)
+        assert len(scan.cmbs) == 1 and f"the header gives positions in {unit}s; converted to mm" in caplog.text
+    # voxel sizes no MRI head scan has (a header in cm read as mm, or pixdim in the wrong field): refused, naming the file
+    for name, sizes in (("coarse", (12.0, 12.0, 12.0)), ("fine", (0.01, 0.01, 0.02))):
+        root = _dataset_with(tmp_path / name, image, labels)
+        for sub in ("images", "labels"):
+            save(nib.load(root / sub / "x.nii.gz").get_fdata().astype(np.float32), root / sub / "x.nii.gz", np.diag([*sizes, 1.0]))
+        with pytest.raises(DataError, match=rf"{name}/bad/images/x.nii.gz: image voxel size .* is not that of an MRI head scan"):
+            NiftiDataset(root).load("x")
 
 
 def test_infer_inputs_skip_cmbs_own_outputs(tmp_path: Path) -> None:

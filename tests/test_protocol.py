@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -212,6 +213,17 @@ def test_bad_infer_values_are_refused_before_any_work(tmp_path: Path, tiny_synth
     out = run_cli([f"model_dir={tmp_path}", f"input={tmp_path}", f"output={tmp_path / 'out'}", override], tiny_synthetic, script="infer.py")
     assert out.returncode == 2 and out.stderr.strip() == f"error: {message}" + out.stderr.strip().split(message, 1)[-1]
     assert not (tmp_path / "out").exists()
+
+
+def test_infer_refuses_an_output_folder_inside_the_run_it_deploys(tmp_path: Path, tiny_synthetic: Path) -> None:
+    """Before: detections, maps and index.html were written among the run's own files (results.json, fold_*/)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for output in (run, run / "detections"):
+        out = run_cli([f"model_dir={run}", f"input={tmp_path}", f"output={output}"], tiny_synthetic, script="infer.py")
+        assert out.returncode == 2 and out.stderr.strip() == (f"error: output={output} lies inside the run folder model_dir={run}: "
+                                                              "choose an output folder outside it")
+    assert list(run.iterdir()) == []
 
 
 def test_a_cache_folder_that_is_a_file_is_refused_in_one_line(tmp_path: Path, tiny_synthetic: Path) -> None:
@@ -469,6 +481,12 @@ def test_a_finished_run_scores_another_family_as_infer_py_would(finished_run: Pa
     assert [float(d["score"]) for d in deployed] == [float(e["score"]) for e in oof]
     other = run_cli([*args[:2], "data.preset=tiny", *args[3:]], tiny_synthetic_module)  # the same name for another dataset
     assert other.returncode == 2 and "holds another run or another scoring" in other.stderr
+    lotcv = runs / "a_lotcv_run"  # the name of a LOTCV run (no transfer block): refused in one line, before a traceback
+    lotcv.mkdir()
+    shutil.copy(finished_run / "config.yaml", lotcv / "config.yaml")
+    into_lotcv = run_cli([*args[:-1], "name=a_lotcv_run"], tiny_synthetic_module)
+    assert into_lotcv.returncode == 2 and "holds another run or another scoring" in into_lotcv.stderr and "Traceback" not in into_lotcv.stderr
+    assert sorted(p.name for p in lotcv.iterdir()) == ["config.yaml"]
     (scored / "fold_0" / "cnn_scores" / f"{ids[0]}.csv").unlink()  # resumed after an interruption: one scan left to score
     resumed = run_cli(args, tiny_synthetic_module)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import numpy as np
 import SimpleITK as sitk
 
-from cmb.data.io import check_voxel_count
+from cmb.data.io import check_voxel_count, check_voxel_sizes
 from cmb.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -191,4 +191,5 @@ def read_dicom_series(folder: str | Path) -> DicomVolume:
     lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = row * spacing_i, col * spacing_j, slice_axis, headers[0]["position"]
     affine = np.eye(4)
     affine[:3] = LPS_TO_RAS @ lps[:3]
+    check_voxel_sizes(folder, affine, f"DICOM series {uid}")
     return DicomVolume(folder, uid, data, affine, [h["uid"] for h in headers])

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 MAX_VOXELS = 2**28
 MIN_DISTINCT_VALUES = 16  # an image with fewer distinct non-zero values is refused: a label map or mask, not an SWI
 MAX_NEGATIVE_SHARE = 0.05  # of an image's non-zero voxels; more is refused (interpolation leaves a few slightly negative)
+VOXEL_MM_RANGE = (0.05, 10.0)  # a voxel edge outside this (mm) is refused: no MRI resolves 50 um, and a CMB (2-10 mm) is lost in a voxel over 10 mm
+UNIT_TO_MM = {"meter": 1000.0, "mm": 1.0, "micron": 0.001, "unknown": 1.0}  # NIfTI spatial units (xyzt_units); unknown: mm, as NIfTI readers assume
 
 
 def is_nifti_name(path: str | Path) -> bool:
@@ -65,8 +67,9 @@ def load_volume(path: str | Path, *, what: str = "image", check_window: bool = T
         data = np.asanyarray(img.dataobj)
     except Exception as err:
         raise DataError(path, f"cannot read {what} as NIfTI ({type(err).__name__}: {err})") from None
-    affine = np.asarray(img.affine, dtype=float)
+    affine = _affine_in_mm(path, img, what)
     _check_geometry(path, img, affine, what)
+    check_voxel_sizes(path, affine, what)
     while data.ndim > 3 and data.shape[-1] == 1:  # (I, J, K, 1) or (I, J, K, 1, 1): one volume
         data = data[..., 0]
     if data.ndim > 3:
@@ -129,6 +132,32 @@ def _distinct_values(data: np.ndarray, sample: int = 200_000) -> np.ndarray:
     strided = data.ravel(order="K")[:: max(1, data.size // sample)]  # no copy, whatever the memory order
     values = np.unique(strided[strided != 0])
     return values if len(values) >= MIN_DISTINCT_VALUES else np.unique(data[data != 0])
+
+
+def _affine_in_mm(path: Path, img: object, what: str) -> np.ndarray:
+    """The image's voxel -> RAS affine in mm: nibabel gives it in the header's spatial units (`xyzt_units`),
+    which may be meters or microns; those are converted (as ITK's NIfTI reader does), with a warning."""
+    affine = np.asarray(img.affine, dtype=float)  # type: ignore[attr-defined]
+    header = getattr(img, "header", None)
+    unit = header.get_xyzt_units()[0] if isinstance(header, nib.Nifti1Header) else "unknown"
+    scale = UNIT_TO_MM.get(unit)
+    if scale is None:
+        raise DataError(path, f"{what} header gives an unknown spatial unit ({unit!r}); set xyzt_units to mm")
+    if scale != 1.0:
+        log.warning("%s: the header gives positions in %ss; converted to mm", path, unit)
+        affine = affine.copy()
+        affine[:3] *= scale
+    return affine
+
+
+def check_voxel_sizes(path: Path | str, affine: np.ndarray, what: str = "image") -> None:
+    """Refuse voxel edges outside `VOXEL_MM_RANGE` (mm; `DataError` naming `path`): a header whose units or pixdim
+    are wrong (a scan in cm read as mm, 50 mm voxels) would otherwise be read, resampled and scored on a nonsense scale."""
+    sizes = np.sqrt((np.asarray(affine, float)[:3, :3] ** 2).sum(axis=0))
+    low, high = VOXEL_MM_RANGE
+    if np.all(np.isfinite(sizes)) and (sizes.min() < low or sizes.max() > high):
+        raise DataError(path, f"{what} voxel size {np.round(sizes, 4).tolist()} mm is not that of an MRI head scan ({low:g} to "
+                              f"{high:g} mm a side): check the header's pixdim and spatial units (xyzt_units)")
 
 
 def _check_geometry(path: Path, img: object, affine: np.ndarray, what: str) -> None:

@@ -309,28 +309,33 @@ def read_annotations(path: Path, known_ids: set[str]) -> dict[str, np.ndarray]:
     row twice are refused naming the line."""
     points: dict[str, list[list[float]]] = {}
     first_line: dict[tuple, int] = {}
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames is not None:
-            reader.fieldnames = [name.strip() for name in reader.fieldnames]
-        if reader.fieldnames is None or not {"scan_id", "i", "j", "k"} <= set(reader.fieldnames):
-            raise DataError(path, f"annotations must have columns scan_id,i,j,k; found {reader.fieldnames}")
-        for line, row in enumerate(reader, start=2):
-            scan_id = (row["scan_id"] or "").strip()
-            if scan_id not in known_ids:
-                hint = f" (give the scan id {nifti_stem(scan_id)!r}, the file name without its suffix)" if nifti_stem(scan_id) in known_ids else ""
-                raise DataError(path, f"line {line}: scan_id {scan_id!r} has no image in images/{hint}")
-            try:
-                point = [float(row[c]) for c in ("i", "j", "k")]
-            except (TypeError, ValueError):
-                raise DataError(path, f"line {line}: i,j,k must be numbers, got {row}") from None
-            if not np.isfinite(point).all():
-                raise DataError(path, f"line {line}: i,j,k must be finite numbers, got {point}")
-            key = (scan_id, *point)
-            if key in first_line:
-                raise DataError(path, f"line {line} repeats line {first_line[key]} ({scan_id} at voxel {point}): one row per CMB")
-            first_line[key] = line
-            points.setdefault(scan_id, []).append(point)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is not None:
+                reader.fieldnames = [name.strip() for name in reader.fieldnames]
+            if reader.fieldnames is None or not {"scan_id", "i", "j", "k"} <= set(reader.fieldnames):
+                raise DataError(path, f"annotations must have columns scan_id,i,j,k; found {reader.fieldnames}")
+            for line, row in enumerate(reader, start=2):
+                scan_id = (row["scan_id"] or "").strip()
+                if scan_id not in known_ids:
+                    hint = f" (give the scan id {nifti_stem(scan_id)!r}, the file name without its suffix)" if nifti_stem(scan_id) in known_ids else ""
+                    raise DataError(path, f"line {line}: scan_id {scan_id!r} has no image in images/{hint}")
+                try:
+                    point = [float(row[c]) for c in ("i", "j", "k")]
+                except (TypeError, ValueError):
+                    raise DataError(path, f"line {line}: i,j,k must be numbers, got {row}") from None
+                if not np.isfinite(point).all():
+                    raise DataError(path, f"line {line}: i,j,k must be finite numbers, got {point}")
+                key = (scan_id, *point)
+                if key in first_line:
+                    raise DataError(path, f"line {line} repeats line {first_line[key]} ({scan_id} at voxel {point}): one row per CMB")
+                first_line[key] = line
+                points.setdefault(scan_id, []).append(point)
+    except UnicodeDecodeError as err:  # Latin-1 from a spreadsheet, or a binary file given as annotations
+        raise DataError(path, f"annotations are not UTF-8 text ({err.reason} at byte {err.start}): save them as CSV (UTF-8)") from None
+    except csv.Error as err:  # e.g. a field over the csv module's limit (131072 characters): not a table of centres
+        raise DataError(path, f"annotations are not a readable CSV file ({err})") from None
     return {k: np.array(v, dtype=float) for k, v in points.items()}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -68,23 +69,28 @@ def make_or_load_splits(run_dir: Path, scan_ids: list[str], seed: int, splits_fi
         path = Path(splits_file)
         if not path.is_file():
             raise DataError(path, "splits file does not exist")
-        try:
-            splits = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise DataError(path, f"splits file is not valid JSON ({err})") from None
+        splits = _read_splits_json(path, "splits file")
         validate_splits(splits, scan_ids, path)
         splits = {"seed": None, "source": str(path), "scan_ids": sorted(scan_ids), "folds": splits["folds"]}
     else:
         splits = {"seed": seed, "source": "lotcv", "scan_ids": sorted(scan_ids), "folds": lotcv_folds(sorted(scan_ids), seed)}
     target = RunLayout(run_dir).splits
     if target.is_file():
-        existing = json.loads(target.read_text())
-        if existing.get("folds") != splits["folds"]:
+        existing = _read_splits_json(target, "the run folder's splits.json")
+        if not isinstance(existing, dict) or existing.get("folds") != splits["folds"]:
             raise DataError(target, "this run folder already has different splits (other seed, data or splits file); use a new run name")
         return existing
     if write:
         atomic_write_text(json.dumps(splits, indent=1), target)
     return splits
+
+
+def _read_splits_json(path: Path, what: str) -> Any:
+    """The JSON value in `path`; `DataError` naming it for a file that is not JSON text (binary, garbled)."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(path, f"{what} is not valid JSON ({err.__class__.__name__}: {err})") from None
 
 
 def select_fold(splits: dict, fold: int) -> dict:

@@ -203,7 +203,9 @@ def write_outputs(det: ScanDetections, out_dir: Path, overwrite: bool = False) -
                 row += f",{uids[int(np.clip(np.rint(v[2]), 0, len(uids) - 1))]}"
             rows.append(row)
         (tmp_dir / targets[0].name).write_text("\n".join(rows) + "\n")
-        nib.save(nib.Nifti1Image(det.prob_map.astype(np.float32), det.affine), tmp_dir / targets[1].name)
+        prob_map = nib.Nifti1Image(det.prob_map.astype(np.float32), det.affine)
+        prob_map.header.set_xyzt_units("mm")  # the affine is in mm whatever units the input's header used (cmb.data.io)
+        nib.save(prob_map, tmp_dir / targets[1].name)
         (tmp_dir / targets[2].name).write_text(json.dumps(slicer_markups(det), indent=1))
         write_detection_picture(det, tmp_dir / targets[3].name)
         for t in targets:

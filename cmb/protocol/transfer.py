@@ -69,8 +69,10 @@ def score_run(cfg: DictConfig) -> dict[str, Any]:
     tcfg = transfer_config(cfg, source_cfg, model_dir, predictor.fold, predictor.threshold)
     if layout.config.is_file():
         saved = OmegaConf.load(layout.config)
-        if OmegaConf.to_container(saved.get("transfer", {}), resolve=True) != OmegaConf.to_container(tcfg.transfer, resolve=True) or \
-                OmegaConf.to_container(saved.data, resolve=True) != OmegaConf.to_container(tcfg.data, resolve=True):
+        saved_transfer, saved_data = saved.get("transfer"), saved.get("data")  # a LOTCV run has no transfer block
+        if not isinstance(saved_transfer, DictConfig) or not isinstance(saved_data, DictConfig) or \
+                OmegaConf.to_container(saved_transfer, resolve=True) != OmegaConf.to_container(tcfg.transfer, resolve=True) or \
+                OmegaConf.to_container(saved_data, resolve=True) != OmegaConf.to_container(tcfg.data, resolve=True):
             raise ConfigError(f"{out_dir}: holds another run or another scoring; use a new name=... (nothing was written)")
     require_writable(out_dir, "run folder")
     dataset = instantiate_checked(cfg.data)
