@@ -313,6 +313,8 @@ def test_singular_affine_and_unknown_voxel_size_are_refused(tmp_path: Path) -> N
 
 
 def test_header_units_are_converted_to_mm_and_implausible_voxel_sizes_refused(tmp_path: Path, caplog) -> None:
+    from cmb.data.io import load_volume
+
     # nibabel gives the affine in the header's spatial units: a scan saved in meters read as mm would have
     # 0.5 um voxels, and every distance (match radius, working grid, CMB size) would be off by 1000
     image, labels = make_volume(0, [(20, 20, 10)])
@@ -327,6 +329,11 @@ def test_header_units_are_converted_to_mm_and_implausible_voxel_sizes_refused(tm
             scan = NiftiDataset(root).load("x")
         np.testing.assert_allclose(scan.spacing_mm, (0.5, 0.5, 1.0), rtol=1e-5)
         assert len(scan.cmbs) == 1 and f"the header gives positions in {unit}s; converted to mm" in caplog.text
+    bad_unit = nib.Nifti1Image(image, np.diag([0.5, 0.5, 1.0, 1.0]))
+    bad_unit.header["xyzt_units"] = 7  # no NIfTI unit: before, a KeyError from nibabel
+    nib.save(bad_unit, tmp_path / "unit7.nii.gz")
+    with pytest.raises(DataError, match=r"unit7.nii.gz: image header gives a spatial unit NIfTI does not define \(code 7"):
+        load_volume(tmp_path / "unit7.nii.gz")
     # voxel sizes no MRI head scan has (a header in cm read as mm, or pixdim in the wrong field): refused, naming the file
     for name, sizes in (("coarse", (12.0, 12.0, 12.0)), ("fine", (0.01, 0.01, 0.02))):
         root = _dataset_with(tmp_path / name, image, labels)

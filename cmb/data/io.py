@@ -25,6 +25,7 @@ MIN_DISTINCT_VALUES = 16  # an image with fewer distinct non-zero values is refu
 MAX_NEGATIVE_SHARE = 0.05  # of an image's non-zero voxels; more is refused (interpolation leaves a few slightly negative)
 VOXEL_MM_RANGE = (0.05, 10.0)  # a voxel edge outside this (mm) is refused: no MRI resolves 50 um, and a CMB (2-10 mm) is lost in a voxel over 10 mm
 UNIT_TO_MM = {"meter": 1000.0, "mm": 1.0, "micron": 0.001, "unknown": 1.0}  # NIfTI spatial units (xyzt_units); unknown: mm, as NIfTI readers assume
+SPACE_UNIT_CODES = {0: "unknown", 1: "meter", 2: "mm", 3: "micron"}  # the NIfTI-1 codes of xyzt_units' space bits
 
 
 def is_nifti_name(path: str | Path) -> bool:
@@ -139,10 +140,11 @@ def _affine_in_mm(path: Path, img: object, what: str) -> np.ndarray:
     which may be meters or microns; those are converted (as ITK's NIfTI reader does), with a warning."""
     affine = np.asarray(img.affine, dtype=float)  # type: ignore[attr-defined]
     header = getattr(img, "header", None)
-    unit = header.get_xyzt_units()[0] if isinstance(header, nib.Nifti1Header) else "unknown"
-    scale = UNIT_TO_MM.get(unit)
-    if scale is None:
-        raise DataError(path, f"{what} header gives an unknown spatial unit ({unit!r}); set xyzt_units to mm")
+    code = int(header["xyzt_units"]) & 0x07 if isinstance(header, nib.Nifti1Header) else 0  # the space bits (time has its own)
+    if code not in SPACE_UNIT_CODES:
+        raise DataError(path, f"{what} header gives a spatial unit NIfTI does not define (code {code} in xyzt_units); set it to mm")
+    unit = SPACE_UNIT_CODES[code]
+    scale = UNIT_TO_MM[unit]
     if scale != 1.0:
         log.warning("%s: the header gives positions in %ss; converted to mm", path, unit)
         affine = affine.copy()
