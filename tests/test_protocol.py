@@ -563,6 +563,25 @@ def test_the_two_point_benchmark_reproduces_the_run_at_its_own_points(finished_r
     assert rows["centroid"]["stage1_sensitivity"] == own["stage1"]["sensitivity"]
     assert all(r["n_cmbs"] == own["dataset"]["n_cmbs"] for r in rows.values())
 
+@pytest.mark.slow
+def test_the_stage1_reach_benchmark_counts_the_hits_the_run_reports(finished_run: Path, tmp_path: Path, tiny_synthetic_module: Path) -> None:
+    """benchmarks/stage1_reach.py maps the held-out scans again: the CMBs a candidate's point hits are the run's stage-1
+    hits; one whose map stays below the threshold near it and is hit by no point is "lost to the map"."""
+    env = {**os.environ, "CMB_CACHE": str(tiny_synthetic_module), "WANDB_MODE": "offline"}
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "stage1_reach.py"), str(finished_run), "--out", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads((tmp_path / "r.json").read_text())
+    own = json.loads((finished_run / "results.json").read_text())
+    assert len(rows) == own["dataset"]["n_cmbs"] and sum(r["point"] for r in rows) == own["stage1"]["tp"]
+    assert all(0.0 <= r["map_max"] <= 1.0 and isinstance(r["peak"], bool) for r in rows)  # max_far runs carry peak points
+    lost = [r for r in rows if not r["point"]]
+    assert out.stdout.count("lost to ") == len(lost)
+    unfinished = subprocess.run([sys.executable, str(REPO / "benchmarks" / "stage1_reach.py"), str(tmp_path)], capture_output=True, text=True,
+                                timeout=120, env=env)
+    assert unfinished.returncode == 2 and "not a finished LOTCV run" in unfinished.stderr and "Traceback" not in unfinished.stderr
+
+
 # ----------------------------------------------------------------------------- stage-1 hard-negative round
 
 
