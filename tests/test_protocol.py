@@ -397,6 +397,7 @@ def test_infer_cli_skips_a_bad_file_and_keeps_the_others(finished_run: Path, tmp
     assert len(errors) == 3 and any("constant.nii.gz" in line for line in errors) and "Traceback" not in out.stderr
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == ["good_detections.csv", "good_detections.mrk.json", "good_detections.png", "good_stage1_prob.nii.gz", "index.html"]
+    assert nib.load(tmp_path / "out" / "good_stage1_prob.nii.gz").header.get_xyzt_units()[0] == "mm"  # its affine is in mm
     index = (tmp_path / "out" / "index.html").read_text()
     assert "good_detections.png" in index and "constant" not in index
     again = run_cli([f"model_dir={finished_run}", f"input={inputs / 'good.nii.gz'}", f"output={tmp_path / 'out'}"],
