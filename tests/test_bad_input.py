@@ -365,6 +365,23 @@ def test_infer_inputs_skip_hidden_files_as_training_does(tmp_path: Path) -> None
     assert list_inputs(tmp_path / "._scan.nii.gz") == [tmp_path / "._scan.nii.gz"]  # named on its own: read (and refused there)
 
 
+def test_a_broken_link_is_named_not_skipped(tmp_path: Path) -> None:
+    """A scan moved or deleted after a link to it was made: before, infer.py skipped it without a word (its folder
+    listing kept files only) and training said "no label map for scan(s) ['y']"."""
+    from cmb.data.io import load_volume
+    from cmb.inference.predictor import list_inputs
+
+    image, _ = make_volume(0, [])
+    save(image, tmp_path / "images" / "x.nii.gz")
+    save(np.zeros(image.shape, np.int16), tmp_path / "labels" / "x.nii.gz")
+    (tmp_path / "images" / "y.nii.gz").symlink_to(tmp_path / "moved" / "y.nii.gz")
+    with pytest.raises(DataError, match=r"images/y.nii.gz: a broken link \(to .*moved/y.nii.gz\) in the images folder"):
+        NiftiDataset(tmp_path)
+    assert [p.name for p in list_inputs(tmp_path / "images")] == ["x.nii.gz", "y.nii.gz"]  # infer.py: one bad scan of the batch
+    with pytest.raises(DataError, match=r"y.nii.gz: image is a broken link \(to .*moved/y.nii.gz\)"):
+        load_volume(tmp_path / "images" / "y.nii.gz")
+
+
 def test_summary_lists_every_bad_scan_and_keeps_the_good_ones(nifti_root: Path) -> None:
     from cmb.data.summary import summarize
 

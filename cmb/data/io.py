@@ -55,6 +55,8 @@ def load_volume(path: str | Path, *, what: str = "image", check_window: bool = T
     all-zero image, and an image smaller than one 20x20x16 window.
     """
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise DataError(path, f"{what} is a broken link (to {os.readlink(path)})")
     if not path.is_file():
         raise DataError(path, f"{what} file does not exist")
     if not is_nifti_name(path):

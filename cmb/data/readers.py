@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
@@ -266,6 +267,8 @@ def _nifti_files(folder: Path, series_folders: bool = False) -> dict[str, Path]:
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or (path.is_dir() and not series_folders):
             continue
+        if path.is_symlink() and not path.exists():  # a scan moved or deleted since the link was made
+            raise DataError(path, f"a broken link (to {os.readlink(path)}) in the images folder")
         if path.is_dir() and not is_dicom_folder(path):
             raise DataError(path, "a folder in the images folder without a DICOM series: give one .nii/.nii.gz file "
                                   "or one DICOM series folder per scan")

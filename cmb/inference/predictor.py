@@ -262,7 +262,8 @@ def list_inputs(path: str | Path) -> list[Path]:
         raise DataError(path, "input does not exist")
     # hidden entries (macOS `._x.nii.gz` AppleDouble metadata) are skipped, as the training reader skips them
     entries = [p for p in path.iterdir() if not p.name.startswith(".")]
-    files = sorted(p for p in entries if p.is_file() and is_nifti_name(p))
+    # a broken link is listed: it fails as one bad scan (naming the link), never skipped without a word
+    files = sorted(p for p in entries if (p.is_file() or (p.is_symlink() and not p.exists())) and is_nifti_name(p))
     if not files and is_dicom_folder(path):  # the series itself
         return [path]
     ours = [p for p in files if p.name.endswith(OUTPUT_SUFFIXES)]
