@@ -25,6 +25,7 @@ import SimpleITK as sitk
 import torch
 
 from cmb.data import preprocess as pp
+from cmb.data.io import voxel_sizes_mm
 from cmb.data.phantom import PRESETS, PhantomGenerator
 from cmb.data.physics_phantom import PHYSICS_PRESETS, PhysicsPhantomGenerator
 
@@ -86,7 +87,7 @@ def main() -> None:
         generator = PhysicsPhantomGenerator(PHYSICS_PRESETS[preset], seed=0) if preset in PHYSICS_PRESETS else PhantomGenerator(PRESETS[preset], seed=0)
         for index in range(n):
             scan = generator.generate(index)
-            spacing = tuple(float(s) for s in np.sqrt((scan.affine[:3, :3] ** 2).sum(axis=0)))
+            spacing = tuple(float(s) for s in voxel_sizes_mm(scan.affine))
             for name, make in found.items():
                 t = time.perf_counter()
                 mask = np.asarray(make(scan.image, spacing, scan.affine), dtype=bool)

@@ -41,9 +41,9 @@ def map_reach(prob: np.ndarray, centroid_vox: np.ndarray, spacing_mm: np.ndarray
     return float(box[near].max()) if near.any() else 0.0
 
 
-def reach_rows(run: Path, cache_dir: str | None) -> list[dict]:
-    """One row per held-out CMB of `run`: fold, scan, CMB, the map's highest value near it, and whether a candidate's
-    point or peak point hits it."""
+def reach_rows(run: Path, cache_dir: str | None) -> tuple[float, list[dict]]:
+    """The run's `inference.unet_threshold` and one row per held-out CMB of `run`: fold, scan, CMB, the map's highest
+    value near it, and whether a candidate's point or peak point hits it."""
     cfg = load_run_config(run)
     with open_dict(cfg):
         cfg.paths.run_dir = str(run)
@@ -65,7 +65,7 @@ def reach_rows(run: Path, cache_dir: str | None) -> list[dict]:
             for n, centroid in enumerate(scan.centroids_vox):
                 rows.append({"fold": fold, "scan": scan_id, "cmb": n, "map_max": map_reach(prob, centroid, np.asarray(scan.spacing_mm), radius),
                              "point": n in by_point, "peak": n in by_peak if peaks else None})
-    return rows
+    return float(cfg.inference.unet_threshold), rows
 
 
 def main() -> None:
@@ -79,8 +79,7 @@ def main() -> None:
             parser.error(f"{run}: not a finished LOTCV run (no results.json)")
     table = []
     for run in args.runs:
-        threshold = float(load_run_config(run).inference.unet_threshold)
-        rows = reach_rows(run, args.cache_dir)
+        threshold, rows = reach_rows(run, args.cache_dir)
         reached = [r for r in rows if r["map_max"] >= threshold]
         print(f"{run}: {len(rows)} CMBs; the map reaches {threshold:g} near {len(reached)}, a candidate's point hits "
               f"{sum(r['point'] for r in rows)}, its point or peak point {sum(bool(r['point'] or r['peak']) for r in rows)}")

@@ -55,7 +55,7 @@ def load_volume(path: str | Path, *, what: str = "image", check_window: bool = T
     all-zero image, and an image smaller than one 20x20x16 window.
     """
     path = Path(path)
-    if path.is_symlink() and not path.exists():
+    if is_broken_link(path):
         raise DataError(path, f"{what} is a broken link (to {os.readlink(path)})")
     if not path.is_file():
         raise DataError(path, f"{what} file does not exist")
@@ -137,6 +137,16 @@ def _distinct_values(data: np.ndarray, sample: int = 200_000) -> np.ndarray:
     return values if len(values) >= MIN_DISTINCT_VALUES else np.unique(data[data != 0])
 
 
+def voxel_sizes_mm(affine: np.ndarray) -> np.ndarray:
+    """(3,) voxel edge lengths along i, j, k (mm): the lengths of the affine's first three columns."""
+    return np.sqrt((np.asarray(affine, float)[:3, :3] ** 2).sum(axis=0))
+
+
+def is_broken_link(path: Path) -> bool:
+    """`path` is a symbolic link whose target does not exist (a scan moved or deleted since the link was made)."""
+    return path.is_symlink() and not path.exists()
+
+
 def _affine_in_mm(path: Path, img: object, what: str) -> np.ndarray:
     """The image's voxel -> RAS affine in mm: nibabel gives it in the header's spatial units (`xyzt_units`),
     which may be meters or microns; those are converted (as ITK's NIfTI reader does), with a warning."""
@@ -157,7 +167,7 @@ def _affine_in_mm(path: Path, img: object, what: str) -> np.ndarray:
 def check_voxel_sizes(path: Path | str, affine: np.ndarray, what: str = "image") -> None:
     """Refuse voxel edges outside `VOXEL_MM_RANGE` (mm; `DataError` naming `path`): a header whose units or pixdim
     are wrong (a scan in cm read as mm, 50 mm voxels) would otherwise be read, resampled and scored on a nonsense scale."""
-    sizes = np.sqrt((np.asarray(affine, float)[:3, :3] ** 2).sum(axis=0))
+    sizes = voxel_sizes_mm(affine)
     low, high = VOXEL_MM_RANGE
     if np.all(np.isfinite(sizes)) and (sizes.min() < low or sizes.max() > high):
         raise DataError(path, f"{what} voxel size {np.round(sizes, 4).tolist()} mm is not that of an MRI head scan ({low:g} to "
@@ -169,7 +179,7 @@ def _check_geometry(path: Path, img: object, affine: np.ndarray, what: str) -> N
     pixdim has a zero voxel size (nibabel would silently read it as 1 mm)."""
     linear = affine[:3, :3]
     if not np.isfinite(affine).all() or abs(float(np.linalg.det(linear))) < 1e-12:
-        sizes = np.sqrt((linear**2).sum(axis=0)) if np.isfinite(linear).all() else linear
+        sizes = voxel_sizes_mm(affine) if np.isfinite(linear).all() else linear
         raise DataError(path, f"{what} affine is singular or not finite (voxel sizes {np.round(sizes, 4).tolist()} mm); fix the NIfTI header")
     header = getattr(img, "header", None)
     if not isinstance(header, nib.Nifti1Header) or header.get_sform(coded=True)[1] or header.get_qform(coded=True)[1]:

@@ -18,8 +18,8 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from cmb.data.dicom import is_dicom_folder, read_dicom_series
-from cmb.data.io import (CONNECTIVITY_26, check_image_values, input_id, is_nifti_name, load_volume, mm_to_vox, nifti_stem, same_grid,
-                        to_canonical, vox_to_mm)
+from cmb.data.io import (CONNECTIVITY_26, check_image_values, input_id, is_broken_link, is_nifti_name, load_volume, mm_to_vox, nifti_stem,
+                        same_grid, to_canonical, vox_to_mm)
 from cmb.data.mat import dou_centroids
 from cmb.data.scan import CMBInstance, Scan
 from cmb.errors import ConfigError, DataError
@@ -267,7 +267,7 @@ def _nifti_files(folder: Path, series_folders: bool = False) -> dict[str, Path]:
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or (path.is_dir() and not series_folders):
             continue
-        if path.is_symlink() and not path.exists():  # a scan moved or deleted since the link was made
+        if is_broken_link(path):
             raise DataError(path, f"a broken link (to {os.readlink(path)}) in the images folder")
         if path.is_dir() and not is_dicom_folder(path):
             raise DataError(path, "a folder in the images folder without a DICOM series: give one .nii/.nii.gz file "

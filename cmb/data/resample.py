@@ -13,7 +13,7 @@ from dataclasses import replace
 import numpy as np
 from scipy import ndimage
 
-from cmb.data.io import mm_to_vox
+from cmb.data.io import mm_to_vox, voxel_sizes_mm
 from cmb.data.scan import CMBInstance, Scan
 
 SAME_SPACING_MM = 1e-3  # voxel sizes this close to the working spacing are left as they are
@@ -22,7 +22,7 @@ SAME_SPACING_MM = 1e-3  # voxel sizes this close to the working spacing are left
 def working_grid(affine: np.ndarray, shape: tuple[int, ...], spacing: tuple[float, float, float]) -> tuple[np.ndarray, tuple[int, int, int]]:
     """The grid of voxel size `spacing` (mm along i, j, k) covering the same field of view as (affine, shape), with the
     same axis directions and the same outer corner: (4x4 affine, shape)."""
-    old = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    old = voxel_sizes_mm(affine)
     new = np.asarray(spacing, dtype=float)
     direction = affine[:3, :3] / old
     out = np.eye(4)

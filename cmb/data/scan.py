@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cmb.data.io import voxel_sizes_mm
+
 
 @dataclass(frozen=True)
 class CMBInstance:
@@ -57,7 +59,7 @@ class Scan:
     @property
     def spacing_mm(self) -> tuple[float, float, float]:
         """Voxel size in mm along (i, j, k)."""
-        return tuple(float(s) for s in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))  # type: ignore[return-value]
+        return tuple(float(s) for s in voxel_sizes_mm(self.affine))  # type: ignore[return-value]
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cmb.data.dicom import is_dicom_folder
-from cmb.data.io import from_canonical, input_id, is_nifti_name, mm_to_vox, vox_to_mm
+from cmb.data.io import from_canonical, input_id, is_broken_link, is_nifti_name, mm_to_vox, vox_to_mm
 from cmb.data.preprocess import PreprocessConfig, brain_mask_method, preprocess_on_working_grid
 from cmb.data.readers import build_scan
 from cmb.data.resample import to_native_grid
@@ -263,7 +263,7 @@ def list_inputs(path: str | Path) -> list[Path]:
     # hidden entries (macOS `._x.nii.gz` AppleDouble metadata) are skipped, as the training reader skips them
     entries = [p for p in path.iterdir() if not p.name.startswith(".")]
     # a broken link is listed: it fails as one bad scan (naming the link), never skipped without a word
-    files = sorted(p for p in entries if (p.is_file() or (p.is_symlink() and not p.exists())) and is_nifti_name(p))
+    files = sorted(p for p in entries if (p.is_file() or is_broken_link(p)) and is_nifti_name(p))
     if not files and is_dicom_folder(path):  # the series itself
         return [path]
     ours = [p for p in files if p.name.endswith(OUTPUT_SUFFIXES)]
